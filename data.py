@@ -1,0 +1,232 @@
+"""Data loading: ImageFolder datasets, the reference transforms, samplers and the choice of loader.
+
+Loaders yield (images, targets). Images are either float and normalised (the reference MP pipeline)
+or uint8 (the fast pipeline); the device layer normalises uint8 batches on the device.
+"""
+import hashlib
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import transforms
+
+from utils import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(crop_size=224):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
+def eval_transform(resize_size=256, crop_size=224):
+    return transforms.Compose([
+        transforms.Resize(resize_size),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
+def check_split_dir(data_path, split):
+    """The folder of one split, or a clear error when it is missing."""
+    path = os.path.join(data_path, split)
+    if not os.path.isdir(data_path):
+        raise UsageError(f"--data-path: '{data_path}' does not exist; it must hold train/ and val/ "
+                         'folders with one sub-folder of images per class')
+    if not os.path.isdir(path):
+        raise UsageError(f"--data-path: '{path}' does not exist; expected {split}/<class>/<image> "
+                         f"under '{data_path}'")
+    return path
+
+
+class CachedImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder whose file list comes from --cache-dataset's file instead of a directory scan.
+
+    Only the list is cached, never the transforms, so a changed augmentation always takes effect.
+    """
+
+    def __init__(self, root, transform, listing):
+        self._listing = listing
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        return self._listing['classes'], self._listing['class_to_idx']
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return [tuple(s) for s in self._listing['samples']]
+
+
+def _cache_path(root):
+    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser('~'), '.torch', 'vision', 'datasets', 'imagefolder', digest + '.pt')
+
+
+def image_folder(root, transform, cache=False, is_main=True):
+    """ImageFolder over `root`, with a clear error for empty class folders or an empty split."""
+    cache_file = _cache_path(root) if cache else None
+    if cache_file and os.path.exists(cache_file):
+        print(f'Loading file list of {root} from {cache_file}')
+        return CachedImageFolder(root, transform, torch.load(cache_file, weights_only=True))
+    try:
+        dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+    except FileNotFoundError as err:
+        raise UsageError(f"--data-path: {err} (under '{root}'); every class folder needs at least one "
+                         'image (.jpg, .jpeg, .png, ...)') from None
+    if cache_file and is_main:
+        print(f'Saving file list of {root} to {cache_file}')
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        import utils
+        utils.atomic_save({'classes': dataset.classes, 'class_to_idx': dataset.class_to_idx,
+                           'samples': [list(s) for s in dataset.samples]}, cache_file)
+    return dataset
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed that depends only on (seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Dataset whose items are keyed (epoch, index): each sample's random augmentation is seeded by
+    (seed, epoch, index), so it does not depend on how many workers load it or in which order."""
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+    def __getattr__(self, name):  # classes, samples, ... of the wrapped ImageFolder
+        if name == 'dataset':
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class EpochIndexSampler(Sampler):
+    """Yields (epoch, index) pairs from a DistributedSampler, for SeededAugmentation."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class ShardedEvalSampler(Sampler):
+    """Rank r of w takes samples r, r+w, r+2w, ...: no padding, no shuffling, so every
+    validation image is counted exactly once whatever the world size."""
+
+    def __init__(self, dataset_len, num_replicas=1, rank=0):
+        self.indices = range(rank, dataset_len, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class TrainBatchSampler(BatchSampler):
+    """Batches of the training sampler, leaving out a trailing batch of a single sample
+    (BatchNorm cannot train on one value per channel)."""
+
+    def __init__(self, sampler, batch_size):
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def _drops_last(self):
+        return len(self.sampler) > 1 and len(self.sampler) % self.batch_size == 1
+
+    def __iter__(self):
+        batches = super().__iter__()
+        for i, batch in enumerate(batches):
+            if i == len(self) and self._drops_last():
+                return
+            yield batch
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size) - int(self._drops_last())
+
+
+def train_sampler(dataset, world_size, rank, seed, deterministic):
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return EpochIndexSampler(sampler) if deterministic else sampler
+
+
+def seed_worker(worker_id):
+    """Give Python's and numpy's RNGs in each loader worker the seed torch chose for that worker."""
+    worker_seed = torch.initial_seed() % 2 ** 32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def habana_dataloader_class():
+    """HabanaDataLoader when the habana_dataloader package is installed, else None."""
+    try:
+        import habana_dataloader
+    except ImportError:
+        return None
+    return habana_dataloader.HabanaDataLoader
+
+
+def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_method=None):
+    """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers."""
+    extra = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=seed_worker)
+    if workers > 0:
+        extra.update(persistent_workers=True, multiprocessing_context=start_method)
+    if train:
+        return DataLoader(dataset, batch_sampler=TrainBatchSampler(sampler, batch_size), **extra)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **extra)
+
+
+def epoch_seed(seed, epoch):
+    """Seed for the main process's RNG at the start of an epoch (dropout etc.), so resuming repeats it."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def resolve_loader_kind(requested):
+    """The loader that will really run for --dl-worker-type: HABANA needs the habana_dataloader package."""
+    if requested == 'HABANA' and habana_dataloader_class() is None:
+        print('habana_dataloader is not installed: --dl-worker-type HABANA uses the torch DataLoader (MP)')
+        return 'MP'
+    return requested
+
+
+def build_loaders(kind, dataset, dataset_test, train_sampler, test_sampler, batch_size, workers, dev):
+    """(train loader, validation loader) of the given kind."""
+    if kind == 'HABANA':
+        loader_cls = habana_dataloader_class()
+        return tuple(loader_cls(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                pin_memory=True, drop_last=drop_last)
+                     for ds, sampler, drop_last in ((dataset, train_sampler, True),
+                                                    (dataset_test, test_sampler, False)))
+    pin = dev.pin_memory()
+    return (make_loader(dataset, batch_size, train_sampler, workers, pin, True, dev.worker_start_method),
+            make_loader(dataset_test, batch_size, test_sampler, workers, pin, False, dev.worker_start_method))

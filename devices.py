@@ -1,0 +1,305 @@
+"""The device layer: everything that differs between Gaudi (hpu), CUDA and the CPU lives here.
+
+The trainers call the same hooks on every device (`mark_step`, `autocast`, `make_optimizer`, ...);
+on CPU and CUDA most hooks are plain PyTorch or no-ops, on HPU they drive Habana's bridge, which is
+imported only when `--device hpu` is asked for, so the trainers run on machines without it.
+"""
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+
+import utils
+from data import IMAGENET_MEAN, IMAGENET_STD
+from utils import UsageError
+
+
+@dataclass
+class HmpConfig:
+    """Habana mixed precision: ops in the bf16 list run in bfloat16, ops in the fp32 list in float32."""
+    bf16_path: str
+    fp32_path: str
+    opt_level: str = 'O1'
+    verbose: bool = False
+
+
+# Where a lazy-mode graph is cut (htcore.mark_step) in train.py 1.4.0, as a function of the run.
+def reference_mark_points(model_name, distributed):
+    points = {'eval_input'}
+    if model_name in ('resnext101_32x4d', 'resnet152'):
+        points.add('before_forward')
+    if 'mobilenet_v2' in model_name and not distributed:
+        points.add('before_backward')
+    if not distributed:
+        points.update({'after_backward', 'after_step'})
+    return frozenset(points)
+
+
+# ... and in the GoogLeNet trainer (main.py), whatever the run.
+EXAMPLES_MARK_POINTS = frozenset({'before_forward', 'after_backward', 'after_step', 'eval_input'})
+
+
+def no_buffer_broadcast():
+    """DDP option that stops rank 0's buffers being re-broadcast at every forward (a cost the original
+    avoided); torch 2.14 renamed it, Habana's torch 1.10 knows only the old name."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {'forward_sync_buffers': False} if 'forward_sync_buffers' in params else {'broadcast_buffers': False}
+
+
+def ddp_bucket_cap_mb(model_name):
+    """Gradient bucket size meant by the original (its precedence bug made it always 200)."""
+    return 200 if model_name in ('resnet152', 'resnext101_32x4d', 'resnext101_32x8d') else 100
+
+
+class CPUDevice:
+    kind = 'cpu'
+    collective_backend = 'gloo'
+    worker_start_method = None  # the platform default (fork on Linux)
+
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True):
+        self.lazy_mode = lazy_mode
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mark_points = frozenset()
+        self._normalisers = {}
+        self.precision = self._start_precision(hmp)
+
+    @property
+    def torch_device(self):
+        return torch.device('cpu')
+
+    @property
+    def collective_device(self):
+        """Where tensors for all_reduce of metrics must live for this device's backend."""
+        return self.torch_device
+
+    def _start_precision(self, hmp):
+        """Return the context that applies --hmp around forward and loss (None without --hmp)."""
+        if hmp is None:
+            return None
+        import mixed_precision
+        return mixed_precision.from_op_files(hmp.bf16_path, hmp.fp32_path)
+
+    def init_distributed(self, args):
+        """Prepare this process for the collective backend; return the backend's name."""
+        return self.collective_backend
+
+    def mark_step(self, point):
+        """Cut the lazy graph at a named point of the step (HPU lazy mode only)."""
+
+    def autocast(self):
+        """Context for forward and loss: the op-list mixed precision when --hmp is on."""
+        return self.precision if self.precision is not None else contextlib.nullcontext()
+
+    def optimizer_step_context(self):
+        return contextlib.nullcontext()
+
+    def prepare_model(self, model):
+        return model.to(self.torch_device, memory_format=self.memory_format)
+
+    def make_optimizer(self, params, lr, momentum, weight_decay):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+
+    def after_optimizer_created(self, model, optimizer):
+        """Last layout changes once model and optimizer exist (HPU weight permutation)."""
+
+    def ddp_kwargs(self, model_name):
+        return dict(bucket_cap_mb=ddp_bucket_cap_mb(model_name), gradient_as_bucket_view=True,
+                    **no_buffer_broadcast())
+
+    def to_device(self, image, target):
+        """Copy a batch to the device; uint8 images are normalised there, then laid out as the model wants."""
+        image = image.to(self.torch_device, non_blocking=True)
+        target = target.to(self.torch_device, non_blocking=True)
+        if image.dtype == torch.uint8:
+            image = self._normalise(image)
+        return image.contiguous(memory_format=self.memory_format), target
+
+    def _normalise(self, image):
+        key = image.device
+        if key not in self._normalisers:
+            mean = torch.tensor(IMAGENET_MEAN, device=key).view(1, 3, 1, 1) * 255
+            inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=key).view(1, 3, 1, 1) * 255)
+            self._normalisers[key] = (mean, inv_std)
+        mean, inv_std = self._normalisers[key]
+        return (image.float() - mean).mul_(inv_std)
+
+    @contextlib.contextmanager
+    def checkpoint_state(self, model, optimizer):
+        """Yield (model state, optimizer state) in torchvision's layout, ready to save."""
+        yield model.state_dict(), optimizer.state_dict()
+
+    def load_training_state(self, model, optimizer, model_state, optimizer_state):
+        model.load_state_dict(model_state)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+
+    def pin_memory(self):
+        return False
+
+
+class CUDADevice(CPUDevice):
+    kind = 'cuda'
+    collective_backend = 'nccl'
+
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True, index=0):
+        if not torch.cuda.is_available():
+            raise UsageError('--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); '
+                             'check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu')
+        self.index = index
+        torch.backends.cudnn.benchmark = True
+        super().__init__(channels_last, hmp, lazy_mode)
+
+    @property
+    def torch_device(self):
+        return torch.device('cuda', self.index)
+
+    def init_distributed(self, args):
+        self.index = args.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(self.index)
+        return self.collective_backend
+
+    def ddp_kwargs(self, model_name):
+        return dict(super().ddp_kwargs(model_name), device_ids=[self.index])
+
+    def pin_memory(self):
+        return True
+
+
+class HPUDevice(CPUDevice):
+    """Gaudi through Habana's PyTorch bridge (SynapseAI 1.4-era API: htcore, hpex.hmp, FusedSGD, hccl)."""
+    kind = 'hpu'
+    collective_backend = 'hccl'
+    worker_start_method = 'spawn'  # forked loader workers do not work with the Synapse runtime
+
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True):
+        self.htcore = self._load_bridge(lazy_mode)
+        self.hmp = None
+        super().__init__(channels_last, hmp, lazy_mode)
+
+    @staticmethod
+    def _load_bridge(lazy_mode):
+        # Read by the bridge when it loads, so they must be set before the import.
+        os.environ['PT_HPU_LAZY_MODE'] = '1' if lazy_mode else '2'
+        for name, value in (('MAX_WAIT_ATTEMPTS', '50'), ('HCL_CPU_AFFINITY', '1'),
+                            ('PT_HPU_ENABLE_SYNC_OUTPUT_HOST', 'false')):
+            os.environ.setdefault(name, value)
+        try:
+            import habana_frameworks.torch.core as htcore
+        except ImportError as err:
+            raise UsageError('--device hpu: the Habana PyTorch bridge (habana_frameworks.torch) is not '
+                             f'installed ({err}); it comes with Habana\'s SynapseAI container. '
+                             'Use --device cuda or --device cpu on other machines') from None
+        try:
+            from habana_frameworks.torch.utils.library_loader import load_habana_module
+        except ImportError:  # removed from the bridge after SynapseAI 1.4
+            load_habana_module = None
+        if load_habana_module is not None:
+            load_habana_module()
+        return htcore
+
+    def _start_precision(self, hmp):
+        """hmp.convert() applies to the whole process, so no context is needed around forward."""
+        if hmp is None:
+            return None
+        import mixed_precision
+        # Same checks as on CPU/CUDA, so a typo fails before the bridge reads the files.
+        for path, flag in ((hmp.bf16_path, '--hmp-bf16'), (hmp.fp32_path, '--hmp-fp32')):
+            mixed_precision.resolve_ops(mixed_precision.read_op_list(path, flag), flag, path)
+        from habana_frameworks.torch.hpex import hmp as habana_hmp
+        habana_hmp.convert(opt_level=hmp.opt_level, bf16_file_path=hmp.bf16_path,
+                           fp32_file_path=hmp.fp32_path, isVerbose=hmp.verbose)
+        self.hmp = habana_hmp
+        return None
+
+    @property
+    def torch_device(self):
+        return torch.device('hpu')
+
+    @property
+    def collective_device(self):
+        return self.torch_device
+
+    def init_distributed(self, args):
+        os.environ['ID'] = str(args.local_rank)
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+        import habana_frameworks.torch.core.hccl  # noqa: F401  (registers the hccl backend)
+        torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 200 * 1024 * 1024
+        return self.collective_backend
+
+    def mark_step(self, point):
+        if self.lazy_mode and point in self.mark_points:
+            self.htcore.mark_step()
+
+    def optimizer_step_context(self):
+        return self.hmp.disable_casts() if self.hmp is not None else contextlib.nullcontext()
+
+    def prepare_model(self, model):
+        if self.channels_last:
+            print('Converting model params to channels_last format on Habana')
+        return model.to(self.torch_device)
+
+    def make_optimizer(self, params, lr, momentum, weight_decay):
+        if self.lazy_mode:
+            from habana_frameworks.torch.hpex.optimizers import FusedSGD
+            return FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def _permutes_weights(self):
+        return self.channels_last and not self.htcore.is_enabled_weight_permute_pass()
+
+    def _permute(self, model, optimizer, to_filters_last):
+        if not self._permutes_weights():
+            return
+        utils.permute_params(model, to_filters_last)
+        self.htcore.mark_step()
+        if optimizer is not None:
+            utils.permute_momentum(optimizer, to_filters_last)
+            self.htcore.mark_step()
+
+    def after_optimizer_created(self, model, optimizer):
+        self._permute(model, optimizer, to_filters_last=True)
+
+    def ddp_kwargs(self, model_name):
+        return dict(bucket_cap_mb=ddp_bucket_cap_mb(model_name),
+                    gradient_as_bucket_view=model_name in ('mobilenet_v2', 'resnet152'), **no_buffer_broadcast())
+
+    @contextlib.contextmanager
+    def checkpoint_state(self, model, optimizer):
+        self._permute(model, optimizer, to_filters_last=False)
+        try:
+            model_state = {k: v.detach().to('cpu') for k, v in model.state_dict().items()}
+            optimizer_state = _state_to_cpu(optimizer.state_dict())
+        finally:
+            self._permute(model, optimizer, to_filters_last=True)
+        yield model_state, optimizer_state
+
+    def load_training_state(self, model, optimizer, model_state, optimizer_state):
+        self._permute(model, optimizer, to_filters_last=False)
+        super().load_training_state(model, optimizer, model_state, optimizer_state)
+        self._permute(model, optimizer, to_filters_last=True)
+
+    def pin_memory(self):
+        return True
+
+
+def _state_to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu')
+    if isinstance(obj, dict):
+        return {k: _state_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_state_to_cpu(v) for v in obj]
+    return obj
+
+
+DEVICES = {'cpu': CPUDevice, 'cuda': CUDADevice, 'hpu': HPUDevice}
+
+
+def create(kind, channels_last=True, hmp=None, lazy_mode=True):
+    """The device object for `--device kind`; fails with one clear line if it cannot run here."""
+    if kind not in DEVICES:
+        raise UsageError(f"--device: unknown device '{kind}'; choose hpu, cuda or cpu")
+    return DEVICES[kind](channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode)

@@ -1,0 +1,352 @@
+"""Helpers shared by the trainers: metrics and log lines, distributed start-up, checkpoint permutation.
+
+SmoothedValue, MetricLogger and accuracy keep the shape of torchvision's references/classification
+utils so that log lines read the same; the distributed helpers also understand mpirun's environment.
+"""
+import argparse
+import builtins
+import datetime
+import errno
+import os
+import sys
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line naming the flag or file, exit status 2."""
+
+
+def run_cli(main, *args):
+    """Run `main(*args)`, turning a UsageError into one line on stderr and exit status 2."""
+    try:
+        return main(*args)
+    except UsageError as err:
+        builtins.print(f'error: {err}', file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+class SmoothedValue:
+    """Track a series of values and give smoothed values over a window or the global series average."""
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or '{median:.4f} ({global_avg:.4f})'
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device='cpu'):
+        """Sum count and total over all ranks (the deque stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        self.count = int(round(t[0].item()))
+        self.total = t[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter='\t', device='cpu'):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.device = device
+
+    def update(self, n=1, **kwargs):
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            assert isinstance(v, (float, int))
+            self.meters[k].update(v, n)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get('meters', {}):
+            return self.meters[attr]
+        if attr in self.__dict__:
+            return self.__dict__[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(self.device)
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header=None):
+        """Yield from `iterable`, printing the log line on every `print_freq`-th iteration (after its body)."""
+        i = 0
+        header = header or ''
+        start_time = time.time()
+        end = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.4f}')
+        data_time = SmoothedValue(fmt='{avg:.4f}')
+        total = len(iterable)
+        space_fmt = ':' + str(len(str(total))) + 'd'
+        fields = [header, '[{0' + space_fmt + '}/{1}]', 'eta: {eta}', '{meters}', 'time: {time}', 'data: {data}']
+        if torch.cuda.is_available():
+            fields.append('max mem: {memory:.0f}')
+        log_msg = self.delimiter.join(fields)
+        mib = 1024.0 * 1024.0
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                memory = torch.cuda.max_memory_allocated() / mib if torch.cuda.is_available() else 0
+                print(log_msg.format(i, total, eta=str(eta), meters=str(self), time=str(iter_time),
+                                     data=str(data_time), memory=memory))
+            i += 1
+            end = time.time()
+        # Not reached when the consumer breaks out early (--num-train-steps), as upstream.
+        total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f'{header} Total time: {total_time}')
+
+
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracy in percent for each k, computed on the CPU (as Habana's port does).
+
+    A k larger than the number of classes counts every sample as correct, so top-5 on a
+    2-class dataset reads 100 instead of crashing.
+    """
+    with torch.no_grad():
+        output = output.detach().float().cpu()
+        target = target.detach().cpu()
+        batch_size = target.size(0)
+        maxk = min(max(topk), output.size(1))
+        _, pred = output.topk(maxk, 1, True, True)
+        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+        return [correct[:min(k, maxk)].reshape(-1).float().sum(0) * (100.0 / batch_size) for k in topk]
+
+
+def mkdir(path):
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every rank but the first, unless a call passes force=True."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+# Launchers and the environment variables through which each one tells a process where it stands:
+# (rank, world size, local rank). torchrun first, as upstream; then mpirun flavours and SLURM.
+LAUNCHER_ENVIRONMENTS = (
+    ('torchrun', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK'),
+    ('OpenMPI', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK'),
+    ('MPICH/Intel MPI', 'PMI_RANK', 'PMI_SIZE', 'MPI_LOCALRANKID'),
+    ('SLURM', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'),
+)
+
+
+def discover_ranks(environ=None):
+    """Return (rank, world_size, local_rank, launcher name) from the launcher's environment.
+
+    Falls back to mpi4py when it is installed and no variable is set; (0, 1, 0, None) otherwise.
+    """
+    environ = os.environ if environ is None else environ
+    for name, rank_var, size_var, local_var in LAUNCHER_ENVIRONMENTS:
+        if rank_var in environ and size_var in environ:
+            rank, size = int(environ[rank_var]), int(environ[size_var])
+            local = int(environ.get(local_var, rank))
+            return rank, size, local, name
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return 0, 1, 0, None
+    comm = MPI.COMM_WORLD
+    return comm.Get_rank(), comm.Get_size(), comm.Get_rank(), 'mpi4py'
+
+
+def init_distributed_mode(args, backend_for_device):
+    """Fill args.rank/world_size/local_rank/distributed and start the process group when world size > 1.
+
+    `backend_for_device` is the device layer's hook that names (and prepares) the collective backend.
+    """
+    args.rank, args.world_size, args.local_rank, launcher = discover_ranks()
+    args.gpu = args.local_rank
+    if args.world_size <= 1:
+        print('Not using distributed mode')
+        args.distributed = False
+        return
+    args.distributed = True
+    os.environ.setdefault('MASTER_ADDR', 'localhost')
+    os.environ.setdefault('MASTER_PORT', '12355')
+    backend = backend_for_device(args)
+    print(f'| distributed init (rank {args.rank}, {launcher}): {args.dist_url}', flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank)
+    setup_for_distributed(args.rank == 0)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_on_master(obj, *paths):
+    if is_main_process():
+        for path in paths:
+            atomic_save(obj, path)
+
+
+# Habana's convolution kernels want filters-last (RSCK) weights; checkpoints and torchvision use KCRS.
+KCRS_TO_RSCK = (2, 3, 1, 0)
+RSCK_TO_KCRS = (3, 2, 0, 1)
+
+
+def permute_params(model, to_filters_last):
+    """Permute every 4-D parameter (the conv weights) between KCRS and RSCK, in place."""
+    order = KCRS_TO_RSCK if to_filters_last else RSCK_TO_KCRS
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 4:
+                param.data = param.data.permute(order).contiguous()
+
+
+def permute_momentum(optimizer, to_filters_last):
+    """Permute every 4-D momentum buffer the same way as the weights it belongs to."""
+    order = KCRS_TO_RSCK if to_filters_last else RSCK_TO_KCRS
+    with torch.no_grad():
+        for state in optimizer.state.values():
+            buf = state.get('momentum_buffer')
+            if buf is not None and buf.ndim == 4:
+                state['momentum_buffer'] = buf.permute(order).contiguous()
+
+
+def broadcast_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP runs with broadcast_buffers=False
+    for speed, so before evaluating and saving, all ranks are made to hold the model that is saved."""
+    if is_dist_avail_and_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)
+
+
+class ThroughputWindow:
+    """Images per second over the steps since the last report.
+
+    With exclude_data_time, time spent waiting for batches (and copying them to the device) is left
+    out, giving compute-only throughput over the whole window rather than one step's.
+    """
+
+    def __init__(self, exclude_data_time):
+        self.exclude_data_time = exclude_data_time
+        self._reset(time.time())
+
+    def _reset(self, now):
+        self.start = self.step_end = now
+        self.data_time = 0.0
+        self.images = 0
+
+    def data_ready(self):
+        self.data_time += time.time() - self.step_end
+
+    def step_done(self, batch_size):
+        self.images += batch_size
+        self.step_end = time.time()
+
+    def images_per_second(self):
+        """Report the window's rate and start a new window."""
+        now = time.time()
+        busy = now - self.start - (self.data_time if self.exclude_data_time else 0.0)
+        rate = self.images / max(busy, 1e-9)
+        self._reset(now)
+        return rate
+
+
+def parse_bool(value):
+    """'True'/'False' flags as the original scripts take them, but a typo is an error, not False."""
+    lowered = str(value).strip().lower()
+    if lowered in ('true', '1', 'yes'):
+        return True
+    if lowered in ('false', '0', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus a pointer to --help) instead of the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
