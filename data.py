@@ -219,14 +219,23 @@ def resolve_loader_kind(requested):
     return requested
 
 
-def build_loaders(kind, dataset, dataset_test, train_sampler, test_sampler, batch_size, workers, dev):
-    """(train loader, validation loader) of the given kind."""
+def build_loaders(kind, dataset, dataset_test, train_sampler, test_sampler, batch_size, workers, dev,
+                  crop_size=224, resize_size=256, val_crop_size=224, seed=0):
+    """(train loader, validation loader) of the given kind (MP, HABANA or FAST).
+
+    `seed` drives the fast pipeline's per-sample augmentation; the MP pipeline gets its seeding from
+    SeededAugmentation / EpochIndexSampler instead.
+    """
     if kind == 'HABANA':
         loader_cls = habana_dataloader_class()
         return tuple(loader_cls(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                 pin_memory=True, drop_last=drop_last)
                      for ds, sampler, drop_last in ((dataset, train_sampler, True),
                                                     (dataset_test, test_sampler, False)))
+    if kind == 'FAST':
+        import fast_jpeg
+        return fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size, workers,
+                                       dev, crop_size, resize_size, val_crop_size, seed)
     pin = dev.pin_memory()
     return (make_loader(dataset, batch_size, train_sampler, workers, pin, True, dev.worker_start_method),
             make_loader(dataset_test, batch_size, test_sampler, workers, pin, False, dev.worker_start_method))

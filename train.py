@@ -98,7 +98,7 @@ def load_data(traindir, valdir, args):
                                      args.cache_dataset, utils.is_main_process())
 
     print('Creating data loaders')
-    seeded = args.deterministic and args.dl_worker_type != 'HABANA'
+    seeded = args.deterministic and args.dl_worker_type == 'MP'  # FAST seeds each sample itself
     train_sampler = data.train_sampler(dataset, args.world_size, args.rank, args.seed, seeded)
     if seeded:
         dataset = data.SeededAugmentation(dataset, args.seed)
@@ -207,7 +207,8 @@ def main(args):
     num_classes = len(dataset.classes)
     data_loader, data_loader_test = data.build_loaders(
         args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler, args.batch_size,
-        args.workers, dev)
+        args.workers, dev, args.train_crop_size, args.val_resize_size, args.val_crop_size,
+        seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()))
 
     print('Creating model')
     model = dev.prepare_model(build_model(args, num_classes))
