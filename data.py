@@ -196,9 +196,14 @@ def habana_dataloader_class():
     return habana_dataloader.HabanaDataLoader
 
 
-def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_method=None):
-    """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers."""
-    extra = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=seed_worker)
+def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_method=None, seed=0):
+    """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers.
+
+    The loader draws its worker seeds from its own generator, never from the global RNG, so the
+    global RNG (dropout) runs the same whether an epoch starts workers afresh or reuses them.
+    """
+    extra = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=seed_worker,
+                 generator=torch.Generator().manual_seed(seed))
     if workers > 0:
         extra.update(persistent_workers=True, multiprocessing_context=start_method)
     if train:
@@ -237,5 +242,5 @@ def build_loaders(kind, dataset, dataset_test, train_sampler, test_sampler, batc
         return fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size, workers,
                                        dev, crop_size, resize_size, val_crop_size, seed)
     pin = dev.pin_memory()
-    return (make_loader(dataset, batch_size, train_sampler, workers, pin, True, dev.worker_start_method),
-            make_loader(dataset_test, batch_size, test_sampler, workers, pin, False, dev.worker_start_method))
+    return (make_loader(dataset, batch_size, train_sampler, workers, pin, True, dev.worker_start_method, seed),
+            make_loader(dataset_test, batch_size, test_sampler, workers, pin, False, dev.worker_start_method, seed))

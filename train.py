@@ -30,7 +30,8 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
     metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{value}'))
     header = f'Epoch: [{epoch}]'
     throughput = utils.ThroughputWindow(exclude_data_time=args.dl_time_exclude)
-    for step, (image, target) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=args.num_train_steps)
+    for step, (image, target) in enumerate(batches):
         image, target = dev.to_device(image, target)
         throughput.data_ready()
         dev.mark_step('before_forward')
@@ -53,8 +54,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
             metric_logger.meters['acc1'].update(acc1.item(), n=images)
             metric_logger.meters['acc5'].update(acc5.item(), n=images)
             metric_logger.meters['img/s'].update(throughput.images_per_second())
-        if step + 1 >= args.num_train_steps:
-            break
+    return throughput.total_images
 
 
 def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize):
@@ -64,7 +64,7 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
         metric_logger.add_meter(name, utils.SmoothedValue())
     header = 'Test:'
     with torch.no_grad():
-        for step, (image, target) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        for image, target in metric_logger.log_every(data_loader, print_freq, header, max_steps=num_eval_steps):
             image, target = dev.to_device(image, target)
             dev.mark_step('eval_input')
             with dev.autocast():
@@ -75,8 +75,6 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
             metric_logger.update(loss=loss.item())
             metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
             metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
-            if step + 1 >= num_eval_steps:
-                break
     metric_logger.synchronize_between_processes()
     if metric_logger.acc1.count == 0:  # --num-eval-steps 0 or an empty split: nothing to report
         return None
@@ -241,6 +239,7 @@ def main(args):
 
     print('Start training')
     start_time = time.time()
+    images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         if lr_table:
@@ -248,7 +247,7 @@ def main(args):
                 group['lr'] = lr_table[epoch]
         if args.deterministic:
             torch.manual_seed(data.epoch_seed(args.seed, epoch))
-        train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq, args)
+        images_trained += train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq, args)
         if lr_scheduler is not None:
             lr_scheduler.step()
         utils.broadcast_buffers(model_without_ddp)
@@ -257,6 +256,8 @@ def main(args):
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
 
     total_time = time.time() - start_time
+    if args.distributed:
+        print(f'| rank {args.rank}: trained on {images_trained} images', force=True)
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 

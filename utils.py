@@ -107,15 +107,21 @@ class MetricLogger:
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
-    def log_every(self, iterable, print_freq, header=None):
-        """Yield from `iterable`, printing the log line on every `print_freq`-th iteration (after its body)."""
+    def log_every(self, iterable, print_freq, header=None, max_steps=None):
+        """Yield from `iterable`, printing the log line on every `print_freq`-th iteration (after its body).
+
+        `max_steps` (--num-train-steps / --num-eval-steps) ends the loop early; unlike a `break` in the
+        caller, the last iteration's line and the total time are still printed.
+        """
         i = 0
         header = header or ''
         start_time = time.time()
         end = time.time()
         iter_time = SmoothedValue(fmt='{avg:.4f}')
         data_time = SmoothedValue(fmt='{avg:.4f}')
-        total = len(iterable)
+        total = len(iterable) if max_steps is None else min(len(iterable), max_steps)
+        if total == 0:
+            return
         space_fmt = ':' + str(len(str(total))) + 'd'
         fields = [header, '[{0' + space_fmt + '}/{1}]', 'eta: {eta}', '{meters}', 'time: {time}', 'data: {data}']
         if torch.cuda.is_available():
@@ -133,7 +139,8 @@ class MetricLogger:
                                      data=str(data_time), memory=memory))
             i += 1
             end = time.time()
-        # Not reached when the consumer breaks out early (--num-train-steps), as upstream.
+            if i >= total:
+                break
         total_time = datetime.timedelta(seconds=int(time.time() - start_time))
         print(f'{header} Total time: {total_time}')
 
@@ -312,6 +319,7 @@ class ThroughputWindow:
 
     def __init__(self, exclude_data_time):
         self.exclude_data_time = exclude_data_time
+        self.total_images = 0
         self._reset(time.time())
 
     def _reset(self, now):
@@ -324,6 +332,7 @@ class ThroughputWindow:
 
     def step_done(self, batch_size):
         self.images += batch_size
+        self.total_images += batch_size
         self.step_end = time.time()
 
     def images_per_second(self):

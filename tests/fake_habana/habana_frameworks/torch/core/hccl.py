@@ -1,0 +1,5 @@
+import os
+
+from habana_frameworks import record
+
+record('hccl_registered', ID=os.environ.get('ID'), LOCAL_RANK=os.environ.get('LOCAL_RANK'))
