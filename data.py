@@ -4,9 +4,11 @@ Loaders yield (images, targets). Images are either float and normalised (the ref
 or uint8 (the fast pipeline); the device layer normalises uint8 batches on the device.
 """
 import hashlib
+import itertools
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -39,6 +41,33 @@ def eval_transform(resize_size=256, crop_size=224):
     ])
 
 
+class UnreadableImage(UsageError):
+    """An image file that cannot be decoded; the message names the file.
+
+    DataLoader re-raises a worker's exception as `type(exc)(long text with the worker traceback)`;
+    keeping only the last line of that text gives the user the same one line either way.
+    """
+
+    def __init__(self, message):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        last = lines[-1] if lines else ''
+        super().__init__(last.split(f'{type(self).__name__}: ', 1)[-1])
+
+    @classmethod
+    def for_file(cls, path, reason):
+        return cls(f"--data-path: cannot decode image '{path}' ({reason}); remove or replace the file")
+
+
+def checked_pil_loader(path):
+    """ImageFolder's PIL loader, with decode failures reported as UnreadableImage naming the file."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise UnreadableImage.for_file(path, f'{type(err).__name__}: {err}') from None
+
+
 def check_split_dir(data_path, split):
     """The folder of one split, or a clear error when it is missing."""
     path = os.path.join(data_path, split)
@@ -59,7 +88,7 @@ class CachedImageFolder(torchvision.datasets.ImageFolder):
 
     def __init__(self, root, transform, listing):
         self._listing = listing
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=checked_pil_loader)
 
     def find_classes(self, directory):
         return self._listing['classes'], self._listing['class_to_idx']
@@ -80,7 +109,7 @@ def image_folder(root, transform, cache=False, is_main=True):
         print(f'Loading file list of {root} from {cache_file}')
         return CachedImageFolder(root, transform, torch.load(cache_file, weights_only=True))
     try:
-        dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+        dataset = torchvision.datasets.ImageFolder(root, transform=transform, loader=checked_pil_loader)
     except FileNotFoundError as err:
         raise UsageError(f"--data-path: {err} (under '{root}'); every class folder needs at least one "
                          'image (.jpg, .jpeg, .png, ...)') from None
@@ -132,6 +161,9 @@ class EpochIndexSampler(Sampler):
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
+    def skip_next_epoch(self, samples):
+        self.sampler.skip_next_epoch(samples)
+
     def __iter__(self):
         epoch = self.epoch
         return ((epoch, index) for index in self.sampler)
@@ -161,27 +193,46 @@ class TrainBatchSampler(BatchSampler):
     def __init__(self, sampler, batch_size):
         super().__init__(sampler, batch_size, drop_last=False)
 
-    def _drops_last(self):
-        return len(self.sampler) > 1 and len(self.sampler) % self.batch_size == 1
-
     def __iter__(self):
-        batches = super().__iter__()
-        for i, batch in enumerate(batches):
-            if i == len(self) and self._drops_last():
-                return
-            yield batch
+        # len() before iterating: a resumed epoch's sampler is shorter until it has been iterated.
+        return itertools.islice(super().__iter__(), len(self))
 
     def __len__(self):
-        return math.ceil(len(self.sampler) / self.batch_size) - int(self._drops_last())
+        samples = len(self.sampler)
+        drops_single = samples > 1 and samples % self.batch_size == 1
+        return math.ceil(samples / self.batch_size) - int(drops_single)
+
+
+class TrainSampler(DistributedSampler):
+    """This rank's shuffled share of the training set (the same order for a given seed and epoch),
+    which can leave out the samples already trained on when a run resumes in the middle of an epoch."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def skip_next_epoch(self, samples):
+        """Leave out the first `samples` of the next epoch's order (once)."""
+        self.skip = samples
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(indices)
+
+    def __len__(self):
+        return max(self.num_samples - self.skip, 0)
 
 
 def train_sampler(dataset, world_size, rank, seed, deterministic):
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
     return EpochIndexSampler(sampler) if deterministic else sampler
 
 
 def seed_worker(worker_id):
-    """Give Python's and numpy's RNGs in each loader worker the seed torch chose for that worker."""
+    """Give Python's and numpy's RNGs in each loader worker the seed torch chose for that worker, and
+    leave SIGTERM to the main process, which finishes the step and saves before anything exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2 ** 32
     random.seed(worker_seed)
     np.random.seed(worker_seed)

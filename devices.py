@@ -139,6 +139,13 @@ class CPUDevice:
     def pin_memory(self):
         return False
 
+    def rng_state(self):
+        """The random generators' state (dropout), saved so that a run resumed mid-epoch repeats."""
+        return {'cpu': torch.get_rng_state()}
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state['cpu'])
+
 
 class CUDADevice(CPUDevice):
     kind = 'cuda'
@@ -148,6 +155,8 @@ class CUDADevice(CPUDevice):
         if not torch.cuda.is_available():
             raise UsageError('--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); '
                              'check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu')
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(f'--gpu {index}: this machine has {torch.cuda.device_count()} CUDA device(s)')
         self.index = index
         torch.backends.cudnn.benchmark = True
         super().__init__(channels_last, hmp, lazy_mode)
@@ -166,6 +175,13 @@ class CUDADevice(CPUDevice):
 
     def pin_memory(self):
         return True
+
+    def rng_state(self):
+        return dict(super().rng_state(), cuda=torch.cuda.get_rng_state(self.index))
+
+    def set_rng_state(self, state):
+        super().set_rng_state(state)
+        torch.cuda.set_rng_state(state['cuda'], self.index)
 
 
 class HPUDevice(CPUDevice):
@@ -298,8 +314,12 @@ def _state_to_cpu(obj):
 DEVICES = {'cpu': CPUDevice, 'cuda': CUDADevice, 'hpu': HPUDevice}
 
 
-def create(kind, channels_last=True, hmp=None, lazy_mode=True):
-    """The device object for `--device kind`; fails with one clear line if it cannot run here."""
+def create(kind, channels_last=True, hmp=None, lazy_mode=True, index=0):
+    """The device object for `--device kind`; fails with one clear line if it cannot run here.
+
+    `index` picks the CUDA device of a single-process run (a launcher's local rank overrides it).
+    """
     if kind not in DEVICES:
         raise UsageError(f"--device: unknown device '{kind}'; choose hpu, cuda or cpu")
-    return DEVICES[kind](channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode)
+    extra = {'index': index} if kind == 'cuda' else {}
+    return DEVICES[kind](channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode, **extra)

@@ -23,38 +23,56 @@ import utils
 from utils import UsageError
 
 
-def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, args):
+def train_step(model, loss_fn, optimizer, dev, image, target):
+    """One optimisation step, with the device's lazy-graph cuts and mixed precision around it."""
+    dev.mark_step('before_forward')
+    with dev.autocast():
+        output = model(image)
+        loss = loss_fn(output, target)
+    optimizer.zero_grad(set_to_none=True)
+    dev.mark_step('before_backward')
+    loss.backward()
+    dev.mark_step('after_backward')
+    with dev.optimizer_step_context():
+        optimizer.step()
+    dev.mark_step('after_step')
+    return output, loss
+
+
+def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, args, stop=None, first_step=0):
+    """Train one epoch (from `first_step` when resuming mid-epoch).
+
+    Returns (images trained, step to resume from when SIGTERM stopped the epoch early, else None).
+    A NaN or infinite loss raises utils.NonFiniteLoss at the next logged step.
+    """
     model.train()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value}'))
     metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{value}'))
     header = f'Epoch: [{epoch}]'
     throughput = utils.ThroughputWindow(exclude_data_time=args.dl_time_exclude)
-    batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=args.num_train_steps)
-    for step, (image, target) in enumerate(batches):
+    nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
+    batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=args.num_train_steps - first_step)
+    for step, (image, target) in enumerate(batches, start=first_step):
         image, target = dev.to_device(image, target)
         throughput.data_ready()
-        dev.mark_step('before_forward')
-        with dev.autocast():
-            output = model(image)
-            loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        dev.mark_step('before_backward')
-        loss.backward()
-        dev.mark_step('after_backward')
-        with dev.optimizer_step_context():
-            optimizer.step()
-        dev.mark_step('after_step')
+        output, loss = train_step(model, criterion, optimizer, dev, image, target)
         throughput.step_done(image.shape[0])
+        nonfinite.track(loss, step, optimizer.param_groups[0]['lr'])
 
-        if step % print_freq == 0:
+        logged = (step - first_step) % print_freq == 0
+        if logged:
+            nonfinite.check(epoch)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
             images = throughput.images
             metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
             metric_logger.meters['acc1'].update(acc1.item(), n=images)
             metric_logger.meters['acc5'].update(acc5.item(), n=images)
             metric_logger.meters['img/s'].update(throughput.images_per_second())
-    return throughput.total_images
+        if stop is not None and stop.should_stop(logged, dev.collective_device):
+            return throughput.total_images, step + 1
+    nonfinite.check(epoch)
+    return throughput.total_images, None
 
 
 def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize):
@@ -147,6 +165,11 @@ def check_args(args):
             raise UsageError(f'{flag} must be at least {least}, got {value}')
     if args.start_epoch < 0:
         raise UsageError(f'--start-epoch must be at least 0, got {args.start_epoch}')
+    if args.model not in models.available_models():
+        raise UsageError(f"--model: unknown model '{args.model}'; choose one of: "
+                         + ', '.join(models.available_models()))
+    if args.resume and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
@@ -174,7 +197,9 @@ def build_model(args, num_classes):
         raise UsageError(f'{flag}: {err}') from None
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes):
+def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step=None):
+    """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth; or, when a run stops
+    mid-epoch (`next_step`), to checkpoint.pth alone with what a resume needs to continue exactly."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         checkpoint = checkpoints.stamp({
             'model': model_state,
@@ -183,8 +208,29 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args
             'epoch': epoch,
             'args': checkpoints.plain_args(args),
         }, args.model, num_classes)
-        checkpoints.save(checkpoint, os.path.join(args.output_dir, f'model_{epoch}.pth'),
-                         os.path.join(args.output_dir, 'checkpoint.pth'))
+        latest = os.path.join(args.output_dir, 'checkpoint.pth')
+        if next_step is None:
+            checkpoints.save(checkpoint, os.path.join(args.output_dir, f'model_{epoch}.pth'), latest)
+        else:
+            checkpoint.update(next_step=next_step, rng_state=dev.rng_state())
+            checkpoints.save(checkpoint, latest)
+    return latest
+
+
+def resume_position(checkpoint):
+    """(epoch, step) to continue from: the next epoch, or the step after a mid-epoch stop."""
+    if checkpoint.get('next_step'):
+        return checkpoint['epoch'], checkpoint['next_step']
+    return checkpoint['epoch'] + 1, 0
+
+
+def stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step=None):
+    if not args.output_dir:
+        print('Stopped by SIGTERM; no --output-dir, so no checkpoint was written')
+        return
+    path = save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step)
+    where = f'epoch {epoch}' + (f' before step {next_step}' if next_step is not None else ' (complete)')
+    print(f'Stopped by SIGTERM: saved {where} to {path}; continue with --resume {path}')
 
 
 def main(args):
@@ -225,19 +271,21 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, **dev.ddp_kwargs(args.model))
         model_without_ddp = model.module
 
+    resume_step = 0
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
         dev.load_training_state(model_without_ddp, optimizer, checkpoint['model'], checkpoint['optimizer'])
         if lr_scheduler is not None and checkpoint['lr_scheduler'] is not None:
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        args.start_epoch = checkpoint['epoch'] + 1
+        args.start_epoch, resume_step = resume_position(checkpoint)
 
     if args.test_only:
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
         return
 
     print('Start training')
+    stop = utils.GracefulStop()
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
@@ -245,15 +293,27 @@ def main(args):
         if lr_table:
             for group in optimizer.param_groups:
                 group['lr'] = lr_table[epoch]
-        if args.deterministic:
+        first_step = resume_step if epoch == args.start_epoch else 0
+        if first_step:
+            print(f'Resuming epoch {epoch} at step {first_step}')
+            train_sampler.skip_next_epoch(first_step * args.batch_size)
+            dev.set_rng_state(checkpoint['rng_state'])
+        elif args.deterministic:
             torch.manual_seed(data.epoch_seed(args.seed, epoch))
-        images_trained += train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq, args)
+        images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
+                                             args, stop, first_step)
+        images_trained += images
+        if stopped_at is not None:
+            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes,
+                                     next_step=stopped_at)
         if lr_scheduler is not None:
             lr_scheduler.step()
         utils.broadcast_buffers(model_without_ddp)
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
         if args.output_dir and args.save_checkpoint:
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
+        if stop.should_stop(True, dev.collective_device) and epoch + 1 < args.epochs:
+            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
 
     total_time = time.time() - start_time
     if args.distributed:
@@ -318,16 +378,25 @@ def get_args_parser(add_help=True):
                         help='run model in lazy execution mode (hpu; True/False)')
     parser.add_argument('--deterministic', action='store_true',
                         help='seed every RNG and each sample\'s augmentation, so runs repeat exactly')
+    add_hmp_args(parser, bf16_default='', fp32_default='')
+    add_image_size_args(parser)
+    return parser
+
+
+def add_hmp_args(parser, bf16_default, fp32_default):
+    """Habana mixed precision flags, shared by both trainers (they differ only in the defaults)."""
     parser.add_argument('--hmp', dest='is_hmp', action='store_true', help='enable hmp mode')
-    parser.add_argument('--hmp-bf16', default='', help='path to bf16 ops list in hmp O1 mode')
-    parser.add_argument('--hmp-fp32', default='', help='path to fp32 ops list in hmp O1 mode')
+    parser.add_argument('--hmp-bf16', default=bf16_default, help='path to bf16 ops list in hmp O1 mode')
+    parser.add_argument('--hmp-fp32', default=fp32_default, help='path to fp32 ops list in hmp O1 mode')
     parser.add_argument('--hmp-opt-level', default='O1', help='choose optimization level for hmp')
     parser.add_argument('--hmp-verbose', action='store_true', help='enable verbose mode for hmp')
-    # Added (upstream torchvision 0.12 names): image sizes, so small images and quick runs are possible.
+
+
+def add_image_size_args(parser):
+    """Added (upstream torchvision 0.12+ names and the reference sizes), so small images and quick runs work."""
     parser.add_argument('--train-crop-size', default=224, type=int, help='RandomResizedCrop size')
     parser.add_argument('--val-resize-size', default=256, type=int, help='validation resize size')
     parser.add_argument('--val-crop-size', default=224, type=int, help='validation center crop size')
-    return parser
 
 
 if __name__ == '__main__':

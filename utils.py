@@ -8,6 +8,7 @@ import builtins
 import datetime
 import errno
 import os
+import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -16,17 +17,39 @@ import torch
 import torch.distributed as dist
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line naming the flag or file, exit status 2."""
+class CleanExit(Exception):
+    """An expected way for a run to fail: reported as one line on stderr, no traceback."""
+    exit_code = 1
+
+
+class UsageError(CleanExit):
+    """Bad input from the user: one line naming the flag or file and what to do, exit status 2."""
+    exit_code = 2
 
 
 def run_cli(main, *args):
-    """Run `main(*args)`, turning a UsageError into one line on stderr and exit status 2."""
+    """Run `main(*args)`, turning a CleanExit into one line on stderr and its exit status."""
     try:
         return main(*args)
-    except UsageError as err:
-        builtins.print(f'error: {err}', file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    except CleanExit as err:
+        sys.stderr.write(f'error: {err}\n')  # not print(): on ranks > 0 print is silenced
+        sys.stderr.flush()
+        raise SystemExit(err.exit_code)
+    finally:
+        end_loader_workers()
+
+
+def end_loader_workers():
+    """Loader workers ignore SIGTERM (data.seed_worker), so multiprocessing's clean-up at exit, which
+    sends them SIGTERM and then waits, would wait forever for workers of a loader that an error left
+    running. End them here instead."""
+    import multiprocessing
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as crashed
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
 
 
 class SmoothedValue:
@@ -253,9 +276,10 @@ def init_distributed_mode(args, backend_for_device):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written
+    file, and the previous version stays readable until the new one is complete."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp')  # a killed save's leftover is reused
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
@@ -359,3 +383,63 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+class GracefulStop:
+    """SIGTERM, the preemption signal of clusters, asks the run to stop at the next safe point.
+
+    A single process stops after the current step. Ranks of a distributed run must stop at the same
+    step, so they agree (one all-reduce) only where the step already waits for the device: at logged
+    steps and at the end of each epoch.
+    """
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second SIGTERM: stop now, without a checkpoint
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+        sys.stderr.write('SIGTERM received: stopping at the next safe point and saving a checkpoint '
+                         '(a second SIGTERM stops at once)\n')
+
+    def should_stop(self, at_sync_point, device):
+        if not is_dist_avail_and_initialized():
+            return self.requested
+        if not at_sync_point:
+            return False
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+
+class NonFiniteLoss(CleanExit):
+    """A NaN or infinite loss: the run stops instead of training (and saving) garbage."""
+
+
+class NonFiniteLossWatch:
+    """Remembers, on the device and without syncing, the first step whose loss was NaN or infinite;
+    `check` reads it where the step already waits for the device (logged steps, end of epoch)."""
+
+    NONE = 2 ** 62
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.lr_at = {}
+
+    def track(self, loss, step, lr):
+        bad = ~torch.isfinite(loss.detach())
+        step_t = torch.full((), step, dtype=torch.int64, device=self.first_bad.device)
+        self.first_bad = torch.where(bad & (self.first_bad == self.NONE), step_t, self.first_bad)
+        self.lr_at[step] = lr
+
+    def check(self, epoch):
+        step = int(self.first_bad.item())
+        if step != self.NONE:
+            raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, step {step} (lr {self.lr_at.get(step)}); '
+                                'stopped without saving, the last checkpoint is the last good state. '
+                                'Lower --lr (or check the data) and --resume from it')
+        self.lr_at.clear()

@@ -2,15 +2,18 @@
 as a user would (subprocesses, real mpirun)."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import devices  # noqa: E402
 import sample_data  # noqa: E402
 
 # Small crops keep CPU steps fast; the flags are the upstream (0.12+) names the trainer accepts.
@@ -44,16 +47,29 @@ def free_port():
 def script_env(**extra):
     """Environment for a script under test: one thread per process (2 cores, up to 2 ranks)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', MASTER_PORT=str(free_port()))
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', MASTER_PORT=str(free_port()),
+               # Guard: should a test ever start a multi-host mpirun, its remote launch fails at once
+               # instead of reaching out (tests never contact other hosts).
+               OMPI_MCA_plm_rsh_agent='false')
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def run_script(args, timeout=300, cwd=REPO, env=None):
-    """Run `python <args>` (or a full command when args[0] is not a .py file) and capture output."""
+    """Run `python <args>` (or a full command when args[0] is not a .py file) and capture output.
+
+    The command gets its own process group, so a timeout ends everything it started (mpirun's ranks too).
+    """
     cmd = [sys.executable] + list(args) if str(args[0]).endswith('.py') else list(args)
-    return subprocess.run(cmd, cwd=cwd, env=env or script_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def mpirun_prefix(n):
@@ -62,3 +78,32 @@ def mpirun_prefix(n):
         pytest.fail('mpirun not found: install openmpi-bin (see .ci/run)')
     return ['mpirun', '-np', str(n), '--allow-run-as-root', '--oversubscribe', '--bind-to', 'none',
             '-x', 'OMP_NUM_THREADS', '-x', 'MASTER_PORT', '-x', 'PYTHONUNBUFFERED', sys.executable]
+
+
+# The Habana SDK cannot be installed off Gaudi: tests drive the HPU path through a recording double.
+FAKE_SDK = os.path.join(REPO, 'tests', 'fake_habana')
+
+
+@pytest.fixture
+def sdk(monkeypatch):
+    """Put the double on sys.path, give it a fresh call record, and restore env/modules afterwards."""
+    monkeypatch.syspath_prepend(FAKE_SDK)
+    for name in ('PT_HPU_LAZY_MODE', 'ID', 'LOCAL_RANK', 'MAX_WAIT_ATTEMPTS', 'HCL_CPU_AFFINITY',
+                 'PT_HPU_ENABLE_SYNC_OUTPUT_HOST'):
+        monkeypatch.delenv(name, raising=False)
+    for name in [m for m in sys.modules if m.startswith('habana_frameworks')]:
+        monkeypatch.delitem(sys.modules, name)
+    import habana_frameworks
+    habana_frameworks.CALLS.clear()
+    habana_frameworks.WEIGHT_PERMUTE_PASS[0] = False
+    yield habana_frameworks
+    for name in [m for m in sys.modules if m.startswith('habana_frameworks')]:
+        del sys.modules[name]
+
+
+class HPUDeviceOnCPU(devices.HPUDevice):
+    """The real HPU device logic, with tensors kept on the CPU (no Gaudi here to hold them)."""
+
+    @property
+    def torch_device(self):
+        return torch.device('cpu')

@@ -12,40 +12,14 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from conftest import REPO, TINY_IMAGES, run_script
+from conftest import REPO, TINY_IMAGES, HPUDeviceOnCPU, run_script
 
 import devices
 import train
 import utils
 
-FAKE_SDK = os.path.join(REPO, 'tests', 'fake_habana')
 BF16_OPS = os.path.join(REPO, 'ops_bf16_Resnet.txt')
 FP32_OPS = os.path.join(REPO, 'ops_fp32_Resnet.txt')
-
-
-@pytest.fixture
-def sdk(monkeypatch):
-    """Put the double on sys.path, give it a fresh call record, and restore env/modules afterwards."""
-    monkeypatch.syspath_prepend(FAKE_SDK)
-    for name in ('PT_HPU_LAZY_MODE', 'ID', 'LOCAL_RANK', 'MAX_WAIT_ATTEMPTS', 'HCL_CPU_AFFINITY',
-                 'PT_HPU_ENABLE_SYNC_OUTPUT_HOST'):
-        monkeypatch.delenv(name, raising=False)
-    for name in [m for m in sys.modules if m.startswith('habana_frameworks')]:
-        monkeypatch.delitem(sys.modules, name)
-    import habana_frameworks
-    habana_frameworks.CALLS.clear()
-    habana_frameworks.WEIGHT_PERMUTE_PASS[0] = False
-    yield habana_frameworks
-    for name in [m for m in sys.modules if m.startswith('habana_frameworks')]:
-        del sys.modules[name]
-
-
-class HPUDeviceOnCPU(devices.HPUDevice):
-    """The real HPU device logic, with tensors kept on the CPU (no Gaudi here to hold them)."""
-
-    @property
-    def torch_device(self):
-        return torch.device('cpu')
 
 
 class RecordingLoss(nn.CrossEntropyLoss):

@@ -1,0 +1,433 @@
+"""GoogLeNet trainer: a port of Habana's 1.4.0 main.py, itself pytorch/examples' imagenet/main.py.
+
+It keeps the examples' shape (main, train, validate, save_checkpoint, AverageMeter, ProgressMeter)
+and its log lines, and adds what Habana added: the auxiliary-classifier loss, throughput with and
+without data loading, a warm-up skip in the averages, and periodic checkpoints. Devices, data
+loading, metrics and checkpoint files are shared with train.py (the ResNet/MobileNetV2 trainer); the
+deliberate changes are listed in the README.
+"""
+import argparse
+import datetime
+import functools
+import os
+import sys
+import time
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+from torchvision.models import GoogLeNetOutputs
+
+import checkpoints
+import data
+import devices
+import model as models
+import train as classification  # train.py; main.py has a train() of its own
+import utils
+from utils import UsageError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_DEVICE_KIND = {'cpu': 'cpu', 'gpu': 'cuda', 'hpu': 'hpu'}  # --device gpu means CUDA, as in the original
+AUX_LOSS_WEIGHT = 0.3  # "Going Deeper with Convolutions", section 5
+WARM_UP_WINDOWS = 2  # print windows left out of the time and throughput averages at start-up
+GOOGLENET_MIN_INPUT = 15  # pixels; smaller images shrink to nothing in GoogLeNet's pooling layers
+# The original GoogLeNet trainer's DDP settings (200 MB gradient buckets, gradients as bucket views).
+DDP_SETTINGS = dict(bucket_cap_mb=200, gradient_as_bucket_view=True)
+
+
+class AverageMeter(utils.SmoothedValue):
+    """The last value and a running average, printed `name value (average)`.
+
+    The first `skip` updates stay out of the average (warm-up), but count in the totals that
+    synchronize_between_processes() all-reduces and global_avg reports.
+    """
+
+    def __init__(self, name, fmt=':f', skip=0):
+        super().__init__(window_size=1, fmt=f'{{value{fmt}}} ({{avg{fmt}}})')
+        self.name = name
+        self.skip = skip
+        self.updates = 0
+        self.kept_total = 0.0
+        self.kept_count = 0
+
+    def update(self, value, n=1):
+        super().update(value, n)
+        self.updates += 1
+        if self.updates > self.skip:
+            self.kept_total += value * n
+            self.kept_count += n
+
+    @property
+    def avg(self):
+        return self.kept_total / self.kept_count if self.kept_count else 0.0
+
+    def __str__(self):
+        return f'{self.name} {super().__str__()}'
+
+
+class ProgressMeter:
+    """One tab-separated line: `<prefix>[  i/N]` followed by the meters."""
+
+    def __init__(self, num_batches, meters, prefix=''):
+        width = len(str(num_batches))
+        self.batch_fmt = '[{:' + str(width) + 'd}/' + str(num_batches) + ']'
+        self.meters = meters
+        self.prefix = prefix
+
+    def display(self, batch):
+        print('\t'.join([self.prefix + self.batch_fmt.format(batch)] + [str(meter) for meter in self.meters]))
+
+
+WindowTimes = namedtuple('WindowTimes', 'batch_time data_time images_per_s compute_images_per_s')
+
+
+class PrintWindow(utils.ThroughputWindow):
+    """The steps since the last progress line: per-step compute and data-wait times, throughput
+    with and without data loading. With --print-interval 1 these are exactly the original's figures."""
+
+    def __init__(self):
+        self.steps = 0
+        super().__init__(exclude_data_time=False)
+
+    def step_done(self, batch_size):
+        super().step_done(batch_size)
+        self.steps += 1
+
+    def close(self):
+        """The window's figures; a new window starts."""
+        steps, data_time, images = max(self.steps, 1), self.data_time, self.images
+        compute_time = max(time.time() - self.start - data_time, 1e-9)
+        images_per_s = self.images_per_second()
+        self.steps = 0
+        return WindowTimes(compute_time / steps, data_time / steps, images_per_s, images / compute_time)
+
+
+def training_loss(criterion, output, target):
+    """Cross entropy of the main classifier, plus 0.3 x that of each auxiliary one when present."""
+    if isinstance(output, GoogLeNetOutputs):
+        aux_loss = criterion(output.aux_logits2, target) + criterion(output.aux_logits1, target)
+        return criterion(output.logits, target) + AUX_LOSS_WEIGHT * aux_loss
+    return criterion(output, target)
+
+
+def main_logits(output):
+    return output.logits if isinstance(output, GoogLeNetOutputs) else output
+
+
+def loss_and_accuracy_meters():
+    return AverageMeter('Loss', ':.4e'), AverageMeter('Acc@1', ':0.2f'), AverageMeter('Acc@5', ':0.2f')
+
+
+def update_accuracy(top1, top5, logits, target):
+    acc1, acc5 = utils.accuracy(logits, target, topk=(1, 5))
+    top1.update(acc1.item(), target.shape[0])
+    top5.update(acc5.item(), target.shape[0])
+
+
+def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False):
+    skip = WARM_UP_WINDOWS if warm_up else 0
+    batch_time = AverageMeter('BatchTime', ':6.3f', skip)
+    compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
+    rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', skip)
+    data_time = AverageMeter('DL Time', ':6.3f', skip)
+    losses, top1, top5 = loss_and_accuracy_meters()
+    shown = [batch_time] + ([compute_rate] if args.print_interval == 1 else []) + [rate, data_time,
+                                                                                  losses, top1, top5]
+    progress = ProgressMeter(len(train_loader), shown, prefix=f'Epoch: [{epoch}]')
+
+    model.train()
+    window = PrintWindow()
+    for i, (images, target) in enumerate(train_loader):
+        images, target = dev.to_device(images, target)
+        window.data_ready()
+        output, loss = classification.train_step(model, functools.partial(training_loss, criterion), optimizer,
+                                                 dev, images, target)
+        window.step_done(images.shape[0])
+
+        if i % args.print_interval == 0:
+            losses.update(loss.item(), images.shape[0])
+            update_accuracy(top1, top5, main_logits(output), target)
+            times = window.close()
+            batch_time.update(times.batch_time)
+            compute_rate.update(times.compute_images_per_s)
+            rate.update(times.images_per_s)
+            data_time.update(times.data_time)
+            progress.display(i)
+        if i + 1 >= args.num_train_steps:
+            break
+
+
+def validate(val_loader, model, criterion, dev, args):
+    """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed."""
+    batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
+    rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', WARM_UP_WINDOWS)
+    losses, top1, top5 = loss_and_accuracy_meters()
+    progress = ProgressMeter(len(val_loader), [batch_time, rate, losses, top1, top5], prefix='Test: ')
+
+    print('MODEL EVAL')
+    model.eval()
+    window = PrintWindow()
+    with torch.no_grad():
+        for i, (images, target) in enumerate(val_loader):
+            images, target = dev.to_device(images, target)
+            dev.mark_step('eval_input')
+            with dev.autocast():
+                output = model(images)
+                loss = criterion(output, target)
+            update_accuracy(top1, top5, output, target)  # every batch, so the summary is exact
+            window.step_done(images.shape[0])
+            if i % args.print_interval == 0:
+                losses.update(loss.item(), images.shape[0])
+                times = window.close()
+                batch_time.update(times.batch_time)
+                rate.update(times.images_per_s)
+                progress.display(i)
+            if i + 1 >= args.num_train_steps:  # the original bounds validation by this flag too
+                break
+
+    top1.synchronize_between_processes(dev.collective_device)
+    top5.synchronize_between_processes(dev.collective_device)
+    print(f'Test: evaluated {top1.count} images')
+    print(f' * Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f}')
+    return top1.global_avg
+
+
+def checkpoint_paths(output_dir, epoch, device, is_best):
+    paths = [os.path.join(output_dir, f'checkpoint_{epoch}_{device}.pth.tar')]
+    if is_best:
+        paths.append(os.path.join(output_dir, f'model_best{epoch}.pth.tar'))
+    return paths
+
+
+def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
+                    num_classes):
+    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best."""
+    with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
+        checkpoint = checkpoints.stamp({
+            'epoch': epoch,
+            'arch': args.model,
+            'state_dict': model_state,
+            'best_acc1': best_acc1,
+            'optimizer': optimizer_state,
+            'lr_scheduler': lr_scheduler.state_dict(),
+        }, args.model, num_classes)
+        checkpoints.save(checkpoint, *checkpoint_paths(args.output_dir, epoch, args.device, is_best))
+
+
+def check_aux_heads(state_dict, model, path):
+    """A checkpoint with auxiliary classifiers cannot feed a model without them, and vice versa."""
+    def has_aux(keys):
+        return any(k.startswith(('aux1.', 'aux2.')) for k in keys)
+    saved, wanted = has_aux(state_dict), has_aux(model.state_dict())
+    if saved != wanted:
+        how = 'with' if saved else 'without'
+        fix = 'drop --no-aux-logits' if saved else 'add --no-aux-logits'
+        raise UsageError(f"--resume: '{path}' was trained {how} the auxiliary classifiers; {fix} to resume it")
+
+
+def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes):
+    """Load model, optimizer and schedule; set args.start_epoch; return the best top-1 so far."""
+    print(f"=> loading checkpoint '{path}'")
+    checkpoint = checkpoints.load(path, args.model, num_classes,
+                                  ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
+    check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
+    dev.load_training_state(model_without_ddp, optimizer, checkpoint['state_dict'], checkpoint['optimizer'])
+    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    args.start_epoch = checkpoint['epoch'] + 1
+    print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
+    return checkpoint['best_acc1']
+
+
+def drop_aux_heads(model):
+    """GoogLeNet without its auxiliary classifiers, as torchvision builds it for aux_logits=False."""
+    model.aux_logits = False
+    model.aux1 = None
+    model.aux2 = None
+    return model
+
+
+def build_model(args, num_classes):
+    """torchvision's model; for googlenet, with auxiliary classifiers unless --no-aux-logits.
+
+    GoogLeNet is built with its aux heads and they are removed afterwards, because torchvision's
+    ImageNet weights (--pretrained) can only be loaded that way.
+    """
+    if args.model != 'googlenet':
+        return classification.build_model(args, num_classes)
+    try:
+        model = models.create_model(args.model, num_classes=num_classes, pretrained=args.pretrained,
+                                    aux_logits=True, transform_input=args.pretrained,
+                                    init_weights=not (args.pretrained or args.resume))
+    except models.ModelError as err:
+        raise UsageError(f'--pretrained: {err}') from None
+    return drop_aux_heads(model) if args.no_aux_logits else model
+
+
+def load_data(train_dir, val_dir, args):
+    """train.py's datasets and samplers with this trainer's options: no file-list cache, no seeded
+    augmentation; without --seed the train sampler shuffles from seed 0, the DistributedSampler default,
+    so that every rank draws the same permutation."""
+    options = argparse.Namespace(**vars(args))
+    options.cache_dataset = False
+    options.deterministic = False
+    options.seed = 0 if args.seed is None else args.seed
+    return classification.load_data(train_dir, val_dir, options)
+
+
+def data_loaders(args, dev):
+    """(number of classes, train sampler, train loader, validation loader) for --data-path."""
+    train_dir = data.check_split_dir(args.data_path, 'train')
+    val_dir = data.check_split_dir(args.data_path, 'val')
+    args.dl_worker_type = data.resolve_loader_kind(args.dl_worker_type)
+    dataset, dataset_test, train_sampler, test_sampler = load_data(train_dir, val_dir, args)
+    loader_seed = args.seed if args.seed is not None else int(torch.randint(2 ** 31, ()).item())
+    loaders = data.build_loaders(args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler,
+                                 args.batch_size, args.workers, dev, args.train_crop_size, args.val_resize_size,
+                                 args.val_crop_size, seed=loader_seed)
+    return (len(dataset.classes), train_sampler, *loaders)
+
+
+def check_args(args):
+    """Refuse values that cannot work, before any data is read or any file written."""
+    least_crop = GOOGLENET_MIN_INPUT if args.model == 'googlenet' else 1
+    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                               ('--workers', args.workers, 0), ('--print-interval', args.print_interval, 1),
+                               ('--num-train-steps', args.num_train_steps, 1),
+                               ('--save-checkpoint', args.save_checkpoint, 0),
+                               ('--start-epoch', args.start_epoch, 0),
+                               ('--train-crop-size', args.train_crop_size, least_crop),
+                               ('--val-crop-size', args.val_crop_size, least_crop),
+                               ('--val-resize-size', args.val_resize_size, args.val_crop_size)):
+        if value < least:
+            raise UsageError(f'{flag} must be at least {least}, got {value}')
+    if args.resume and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
+    if args.is_amp:
+        raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
+                         'mixed precision) on hpu, gpu and cpu')
+
+
+def main(args):
+    check_args(args)
+    dev = devices.create(TORCH_DEVICE_KIND[args.device], channels_last=True,
+                         hmp=classification.hmp_config(args), lazy_mode=args.enable_lazy, index=args.gpu)
+    if args.output_dir:
+        utils.mkdir(args.output_dir)
+    utils.init_distributed_mode(args, dev.init_distributed)
+    dev.mark_points = devices.EXAMPLES_MARK_POINTS
+    print(args)
+    print('Using', dev.torch_device)
+    if args.seed is not None:
+        classification.seed_everything(args.seed, deterministic=True)
+
+    num_classes, train_sampler, train_loader, val_loader = data_loaders(args, dev)
+
+    print('Creating model ', args.model)
+    model = dev.prepare_model(build_model(args, num_classes))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = dev.make_optimizer(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                   weight_decay=args.weight_decay)
+    dev.after_optimizer_created(model, optimizer)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(args.model), **DDP_SETTINGS))
+        model_without_ddp = model.module
+
+    best_acc1 = 0.0
+    if args.resume:
+        best_acc1 = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes)
+
+    if args.evaluate:
+        validate(val_loader, model_without_ddp, criterion, dev, args)
+        return
+
+    epoch_time = AverageMeter('EpochTime', ':6.3f')
+    epoch_progress_total = max(args.epochs - args.start_epoch, 0)
+    start_time = epoch_start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        print('training epoch ', epoch)
+        train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=epoch == args.start_epoch)
+        lr_scheduler.step()
+        utils.broadcast_buffers(model_without_ddp)
+
+        print('validating epoch ', epoch)
+        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args)
+        epoch_time.update(time.time() - epoch_start)
+        epoch_start = time.time()
+        ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
+            epoch - args.start_epoch + 1)
+
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        if args.save_checkpoint > 0 and (epoch + 1) % args.save_checkpoint == 0:
+            print('saving ckpt epoch ', epoch)
+            save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
+                            num_classes)
+
+    total_time = time.time() - start_time
+    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+
+
+def get_args_parser(add_help=True):
+    parser = utils.ArgumentParser(description='PyTorch GoogleNet Training', add_help=add_help)
+    parser.add_argument('--amp', dest='is_amp', action='store_true',
+                        help='enable GPU apex amp mode (not supported; use --hmp)')
+    parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
+                        help='per-process mini-batch size (default: 256)')
+    parser.add_argument('--data-path', metavar='DIR', required=True,
+                        help='path to dataset (with train/ and val/ folders)')
+    parser.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'], help='Imagenet')
+    parser.add_argument('--device', default='hpu', choices=['cpu', 'hpu', 'gpu'],
+                        help='cpu, hpu or gpu (CUDA)')
+    parser.add_argument('--distributed', action='store_true',
+                        help='parsed for compatibility: distributed mode follows the launcher (mpirun, torchrun)')
+    parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
+    parser.add_argument('--dl-worker-type', default='MP', type=lambda x: x.upper(),
+                        choices=['MP', 'HABANA', 'FAST'],
+                        help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
+                             'torch DataLoader where it is not installed; FAST: the fast JPEG pipeline')
+    parser.add_argument('--process-per-node', default=8, type=int, metavar='N', help='number of processes per node')
+    parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
+                        help='evaluate model on validation set')
+    parser.add_argument('--enable-lazy', action='store_true',
+                        help='run in lazy mode on hpu (otherwise eager)')
+    parser.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
+    parser.add_argument('--gpu', default=0, type=int, metavar='N',
+                        help='CUDA device of a single-process --device gpu run')
+    classification.add_hmp_args(parser, os.path.join(HERE, 'ops_bf16_googlenet.txt'),
+                                os.path.join(HERE, 'ops_fp32_googlenet.txt'))
+    parser.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR',
+                        help='initial learning rate', dest='lr')
+    parser.add_argument('--lr-step-size', default=30, type=int, help='decrease lr every step-size epochs')
+    parser.add_argument('--lr-gamma', default=0.1, type=float, help='decrease lr by a factor of lr-gamma')
+    parser.add_argument('--model', default='googlenet', help='model')
+    parser.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum')
+    parser.add_argument('--no-aux-logits', action='store_true', help='disable aux logits in GoogleNet')
+    parser.add_argument('--num-train-steps', type=int, default=sys.maxsize, metavar='T',
+                        help='number of training (and validation) steps per epoch (default: all)')
+    parser.add_argument('-p', '--print-interval', default=1, type=int, metavar='N',
+                        help='print frequency (default: 1)')
+    parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
+    parser.add_argument('--resume', default=None, type=str, metavar='PATH',
+                        help='path to latest checkpoint (default: None)')
+    parser.add_argument('--save-checkpoint', default=1, const=5, type=int, nargs='?', metavar='N',
+                        help='save a checkpoint every N epochs (bare flag: 5; 0: never; default: 1)')
+    parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    parser.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                        help='manual epoch number (useful on restarts)')
+    parser.add_argument('--wd', '--weight-decay', default=1e-4, type=float, metavar='W',
+                        help='weight decay (default: 1e-4)', dest='weight_decay')
+    parser.add_argument('-j', '--workers', default=10, type=int, metavar='N',
+                        help='number of data loading workers (default: 10)')
+    # Added: where checkpoints go (the original writes to the current directory, still the default),
+    # and train.py's image sizes, so small images and quick runs are possible.
+    parser.add_argument('--output-dir', default='.', help='where to write checkpoints (default: current directory)')
+    classification.add_image_size_args(parser)
+    return parser
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,266 @@
+"""Bad input gets one clear line; faults lose nothing; jobs never hang (README: Guarantees)."""
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
+
+QUICK = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '0', '--print-freq', '1',
+         '--dl-worker-type', 'MP', *TINY_IMAGES]
+
+
+def snapshot(folder):
+    """Name -> (size, mtime, sha1) of every file, to prove a failed run changed nothing."""
+    result = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        with open(path, 'rb') as f:
+            result[name] = (os.path.getsize(path), os.stat(path).st_mtime_ns, hashlib.sha1(f.read()).hexdigest())
+    return result
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, jpeg_dataset):
+    """An output folder that holds a run's checkpoint and a user's file."""
+    out = tmp_path_factory.mktemp('finished') / 'out'
+    result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--epochs', '1',
+                         '--num-train-steps', '1', '--num-eval-steps', '1', '--save-checkpoint'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    (out / 'notes.txt').write_text('keep me')
+    return out
+
+
+@pytest.fixture
+def output_dir(finished_run, tmp_path):
+    """A private copy of `finished_run` (timestamps kept) for a test to run against."""
+    return shutil.copytree(finished_run, tmp_path / 'out')
+
+
+def damaged_copy(jpeg_dataset, tmp_path, damage):
+    root = tmp_path / 'data'
+    shutil.copytree(jpeg_dataset, root)
+    damage(root)
+    return str(root)
+
+
+def truncate_a_jpeg(root):
+    path = root / 'train' / 'class_01' / 'train_01_00003.JPEG'
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def fake_jpeg(root):
+    (root / 'val' / 'class_02' / 'scan.JPEG').write_text('this is not an image')
+
+
+def empty_class(root):
+    shutil.rmtree(root / 'train' / 'class_03')
+    (root / 'train' / 'class_03').mkdir()
+
+
+def write_file(path, content):
+    path.write_bytes(content)
+    return str(path)
+
+
+BAD_INPUTS = {
+    'missing data path': (lambda d, t: ['--data-path', str(t / 'nowhere')], "--data-path: '.*nowhere' does not exist"),
+    'empty data path': (lambda d, t: ['--data-path', str(t)], r"--data-path: '.*/train' does not exist"),
+    'no val folder': (lambda d, t: ['--data-path', damaged_copy(d, t, lambda r: shutil.rmtree(r / 'val'))],
+                      r"--data-path: '.*/val' does not exist"),
+    'class folder without images': (lambda d, t: ['--data-path', damaged_copy(d, t, empty_class)],
+                                    r'--data-path: .*class_03.*every class folder needs at least one image'),
+    'truncated JPEG': (lambda d, t: ['--data-path', damaged_copy(d, t, truncate_a_jpeg), '--workers', '1'],
+                       r"--data-path: cannot decode image '.*train_01_00003.JPEG'.*remove or replace the file"),
+    'text file named .JPEG': (lambda d, t: ['--data-path', damaged_copy(d, t, fake_jpeg)],
+                              r"--data-path: cannot decode image '.*scan.JPEG'"),
+    'unknown model': (lambda d, t: ['--model', 'resnet5'], "--model: unknown model 'resnet5'; choose one of"),
+    'batch size 0': (lambda d, t: ['--batch-size', '0'], '--batch-size must be at least 1, got 0'),
+    'epochs 0': (lambda d, t: ['--epochs', '0'], '--epochs must be at least 1, got 0'),
+    'negative workers': (lambda d, t: ['--workers', '-1'], '--workers must be at least 0, got -1'),
+    'malformed lr value': (lambda d, t: ['--custom-lr-values', '0.1', 'x', '--custom-lr-milestones', '0', '30'],
+                           "argument --custom-lr-values: invalid float value: 'x'"),
+    'lr values without milestones': (lambda d, t: ['--custom-lr-values', '0.1'],
+                                     '--custom-lr-values needs --custom-lr-milestones'),
+    'mismatched lr lists': (lambda d, t: ['--custom-lr-values', '0.1', '0.01', '--custom-lr-milestones', '0'],
+                            '--custom-lr-values has 2 values but --custom-lr-milestones has 1'),
+    'missing op list': (lambda d, t: ['--hmp', '--hmp-bf16', str(t / 'ops.txt'), '--hmp-fp32', 'ops_fp32_Resnet.txt'],
+                        "--hmp-bf16: op list file '.*ops.txt' does not exist"),
+    'unknown op in list': (lambda d, t: ['--hmp', '--hmp-bf16', write_file(t / 'ops.txt', b'conv2d\nconv3x3\n'),
+                                         '--hmp-fp32', 'ops_fp32_Resnet.txt'],
+                           "--hmp-bf16: 'conv3x3' in .*ops.txt is not a torch op"),
+    'cuda without a GPU': (lambda d, t: ['--device', 'cuda'], '--device cuda: no CUDA GPU is visible'),
+    'hpu without the bridge': (lambda d, t: ['--device', 'hpu'], '--device hpu: the Habana PyTorch bridge'),
+    'missing resume file': (lambda d, t: ['--resume', str(t / 'gone.pth')], "--resume: checkpoint '.*gone.pth' does not exist"),
+    'truncated resume file': (lambda d, t: ['--resume', write_file(t / 'cut.pth', b'PK\x03\x04' + b'\0' * 64)],
+                              r"--resume: '.*cut.pth' is not a readable checkpoint"),
+    'foreign resume file': (lambda d, t: ['--resume', foreign_checkpoint(t)],
+                            "--resume: '.*foreign.pth' was not written by these training scripts"),
+}
+
+
+def foreign_checkpoint(tmp_path):
+    import torchvision
+    path = tmp_path / 'foreign.pth'
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_changes_nothing(case, jpeg_dataset, output_dir, tmp_path):
+    make_args, message = BAD_INPUTS[case]
+    before = snapshot(output_dir)
+    args = ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(output_dir), *QUICK, '--epochs', '2']
+    started = time.time()
+    result = run_script(args + make_args(jpeg_dataset, tmp_path), timeout=120)
+    elapsed = time.time() - started
+    assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
+    assert 'Traceback' not in result.stderr
+    error_lines = [l for l in result.stderr.splitlines() if 'error:' in l]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), result.stderr[-1500:]
+    assert elapsed < 60
+    assert snapshot(output_dir) == before
+
+
+def test_files_that_are_not_images_by_extension_are_skipped(jpeg_dataset, tmp_path):
+    data = damaged_copy(jpeg_dataset, tmp_path, lambda r: (r / 'train' / 'class_00' / 'README.txt').write_text('x'))
+    result = run_script(['train.py', '--data-path', data, '--output-dir', str(tmp_path / 'out'), *QUICK,
+                         '--epochs', '1', '--num-train-steps', '2'])
+    assert result.returncode == 0, result.stderr[-1500:]
+
+
+def run_to_end(data, out, *extra):
+    result = run_script(['train.py', '--data-path', data, '--output-dir', str(out), *QUICK, *extra])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def start(args, **env):
+    return subprocess.Popen([sys.executable] + args, cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read_until(proc, pattern, timeout=180):
+    deadline, seen = time.time() + timeout, []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return ''.join(seen)
+        assert time.time() < deadline, ''.join(seen[-30:])
+    raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
+
+
+def test_sigterm_saves_mid_epoch_and_resume_ends_with_the_same_weights(jpeg_dataset, tmp_path):
+    common = ['--epochs', '2', '--deterministic', '--save-checkpoint', '--num-eval-steps', '1', '--workers', '1']
+    run_to_end(jpeg_dataset, tmp_path / 'straight', *common)
+
+    proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / 'cut'), *QUICK, *common])
+    read_until(proc, r'^Epoch: \[1\]  \[ ?3/12\]')
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, loader worker included, as clusters do
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    stopped = re.search(r'Stopped by SIGTERM: saved epoch 1 before step (\d+) to (\S+); continue with --resume', rest)
+    assert stopped, rest[-2000:]
+    checkpoint = torch.load(stopped.group(2), weights_only=True)
+    assert checkpoint['epoch'] == 1 and checkpoint['next_step'] == int(stopped.group(1)) >= 4
+
+    log = run_to_end(jpeg_dataset, tmp_path / 'cut', *common, '--resume', stopped.group(2))
+    assert f'Resuming epoch 1 at step {stopped.group(1)}' in log
+    straight = torch.load(tmp_path / 'straight' / 'model_1.pth', weights_only=True)['model']
+    resumed = torch.load(tmp_path / 'cut' / 'model_1.pth', weights_only=True)['model']
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(jpeg_dataset, tmp_path):
+    out = tmp_path / 'out'
+    proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--model', 'resnet101',
+                  '--epochs', '3', '--num-train-steps', '1', '--num-eval-steps', '1', '--save-checkpoint'])
+    partial = out / '.checkpoint.pth.tmp'
+    deadline = time.time() + 240
+    while not (partial.exists() and (out / 'model_1.pth').exists()):  # epoch 1's checkpoint.pth is being written
+        assert proc.poll() is None and time.time() < deadline, 'never saw the second checkpoint being written'
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    checkpoint = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
+    assert checkpoint['epoch'] == 0  # the previous one, complete
+    epoch0 = torch.load(out / 'model_0.pth', map_location='cpu', weights_only=True)
+    assert all(torch.equal(epoch0['model'][k], checkpoint['model'][k]) for k in epoch0['model'])
+
+
+def test_nan_loss_stops_at_once_naming_epoch_step_and_lr_and_keeps_the_last_good_checkpoint(jpeg_dataset, tmp_path):
+    out = tmp_path / 'out'
+    result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--epochs', '3',
+                         '--save-checkpoint', '--num-eval-steps', '1',
+                         '--custom-lr-values', '1e12', '--custom-lr-milestones', '1'])
+    assert result.returncode == 1
+    assert re.search(r'^error: non-finite loss at epoch 1, step \d+ \(lr 1000000000000\.0\); stopped without saving',
+                     result.stderr, flags=re.M), result.stderr[-1500:]
+    assert 'Traceback' not in result.stderr
+    assert sorted(os.listdir(out)) == ['checkpoint.pth', 'model_0.pth']
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+def rank_pids(mpirun_pid):
+    """PIDs of the python ranks started by this mpirun, by OMPI rank."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+            with open(f'/proc/{pid}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if b'OMPI_COMM_WORLD_RANK' in env and b'train.py' in open(f'/proc/{pid}/cmdline', 'rb').read():
+            if ppid == mpirun_pid or _descends_from(ppid, mpirun_pid):
+                ranks[int(env[b'OMPI_COMM_WORLD_RANK'])] = int(pid)
+    return ranks
+
+
+def _descends_from(pid, ancestor):
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                pid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def test_killing_one_rank_ends_the_whole_job_quickly(jpeg_dataset, tmp_path):
+    proc = subprocess.Popen(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
+                                                *QUICK, '--epochs', '50'],
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    read_until(proc, r'^Epoch: \[0\]  \[ ?2/')
+    ranks = rank_pids(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.time()
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail('the job was still running 60 s after one rank died')
+    assert proc.returncode != 0 and time.time() - killed < 60
+
+
+@pytest.mark.parametrize('change, message', [
+    (['--model', 'resnet34'], "holds a resnet18 model but --model is resnet34"),
+    (['--data-path', None], 'was trained on 4 classes but the dataset has 3'),
+])
+def test_resume_refuses_a_different_model_or_class_count(jpeg_dataset, fresh_dataset, output_dir, change, message):
+    args = ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(output_dir), *QUICK, '--epochs', '2',
+            '--resume', str(output_dir / 'checkpoint.pth')]
+    change = [fresh_dataset(classes=3) if c is None else c for c in change]
+    result = run_script(args + change)
+    assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
