@@ -13,8 +13,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import utils
-from utils import UsageError
+import cli
+from cli import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -277,7 +277,7 @@ def launch_demo(parser, trainer_args, trainer, print_namespace, argv):
 def main(parser, trainer_args, trainer, print_namespace=False):
     """A demo wrapper's entry point: `trainer_args(args, process_per_node)` gives the trainer's arguments,
     process_per_node being None unless the run spans hosts. Exits with the trainer's status."""
-    sys.exit(utils.run_cli(launch_demo, parser, trainer_args, trainer, print_namespace, sys.argv[1:]))
+    sys.exit(cli.run_cli(launch_demo, parser, trainer_args, trainer, print_namespace, sys.argv[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ EPILOG = ('--dry-run prints the command (and any variables it exports) without s
 
 
 def demo_parser(description):
-    return utils.ArgumentParser(description=description, epilog=EPILOG)
+    return cli.ArgumentParser(description=description, epilog=EPILOG)
 
 
 def add_loader_flag(parser, default):
@@ -321,7 +321,7 @@ def add_train_py_flags(parser, model, dl_worker_type):
                         help='bf16: mixed precision with the op lists next to this script')
     parser.add_argument('-e', '--epochs', default=1, type=int, help='number of epochs (default: 1)')
     add_loader_flag(parser, dl_worker_type)
-    parser.add_argument('--dl-time-exclude', default=True, type=utils.parse_bool,
+    parser.add_argument('--dl-time-exclude', default=True, type=cli.parse_bool,
                         help='Set to False to include data load time')
     parser.add_argument('-j', '--workers', default=10, type=int, help='data loading workers')
     parser.add_argument('--print-freq', default=1, type=int, help='print frequency')
@@ -335,7 +335,7 @@ def add_train_py_flags(parser, model, dl_worker_type):
     parser.add_argument('--custom-lr-milestones', default=None,
                         help='epochs at which each value starts, comma-separated, e.g. 0,30,60')
     parser.add_argument('--output-dir', default='.', help='where to save checkpoints')
-    parser.add_argument('--channels-last', default=True, type=utils.parse_bool, help='channels-last input (True/False)')
+    parser.add_argument('--channels-last', default=True, type=cli.parse_bool, help='channels-last input (True/False)')
     parser.add_argument('--deterministic', action='store_true', help='deterministic data loading')
     parser.add_argument('--seed', default=123, type=int, help='random seed')
     parser.add_argument('--resume', default='', help='checkpoint to resume from')

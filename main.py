@@ -124,7 +124,9 @@ def update_accuracy(top1, top5, logits, target):
     top5.update(acc5.item(), target.shape[0])
 
 
-def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False):
+def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False, stop=None, first_step=0):
+    """One epoch (from `first_step` after a mid-epoch stop). Returns the step to resume from when SIGTERM
+    stopped it early, else None; a NaN or infinite loss raises utils.NonFiniteLoss at the next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
@@ -133,18 +135,22 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
     losses, top1, top5 = loss_and_accuracy_meters()
     shown = [batch_time] + ([compute_rate] if args.print_interval == 1 else []) + [rate, data_time,
                                                                                   losses, top1, top5]
-    progress = ProgressMeter(len(train_loader), shown, prefix=f'Epoch: [{epoch}]')
+    progress = ProgressMeter(first_step + len(train_loader), shown, prefix=f'Epoch: [{epoch}]')
 
     model.train()
     window = PrintWindow()
-    for i, (images, target) in enumerate(train_loader):
+    nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
+    for i, (images, target) in enumerate(train_loader, start=first_step):
         images, target = dev.to_device(images, target)
         window.data_ready()
         output, loss = classification.train_step(model, functools.partial(training_loss, criterion), optimizer,
                                                  dev, images, target)
         window.step_done(images.shape[0])
+        nonfinite.track(loss, i, optimizer.param_groups[0]['lr'])
 
-        if i % args.print_interval == 0:
+        printed = (i - first_step) % args.print_interval == 0
+        if printed:
+            nonfinite.check(epoch)
             losses.update(loss.item(), images.shape[0])
             update_accuracy(top1, top5, main_logits(output), target)
             times = window.close()
@@ -153,8 +159,12 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
             rate.update(times.images_per_s)
             data_time.update(times.data_time)
             progress.display(i)
+        if stop is not None and stop.should_stop(printed, dev.collective_device):
+            return i + 1
         if i + 1 >= args.num_train_steps:
             break
+    nonfinite.check(epoch)
+    return None
 
 
 def validate(val_loader, model, criterion, dev, args):
@@ -200,8 +210,11 @@ def checkpoint_paths(output_dir, epoch, device, is_best):
 
 
 def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
-                    num_classes):
-    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best."""
+                    num_classes, next_step=None):
+    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best.
+
+    After a mid-epoch stop (`next_step`) the file also holds what a resume needs to continue exactly.
+    """
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         checkpoint = checkpoints.stamp({
             'epoch': epoch,
@@ -211,7 +224,19 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best
             'optimizer': optimizer_state,
             'lr_scheduler': lr_scheduler.state_dict(),
         }, args.model, num_classes)
-        checkpoints.save(checkpoint, *checkpoint_paths(args.output_dir, epoch, args.device, is_best))
+        if next_step is not None:
+            checkpoint.update(next_step=next_step, rng_state=dev.rng_state())
+        paths = checkpoint_paths(args.output_dir, epoch, args.device, is_best)
+        checkpoints.save(checkpoint, *paths)
+    return paths[0]
+
+
+def stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args, num_classes,
+                      next_step=None):
+    path = save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
+                           num_classes, next_step)
+    where = f'epoch {epoch}' + (f' before step {next_step}' if next_step is not None else ' (complete)')
+    print(f'Stopped by SIGTERM: saved {where} to {path}; continue with --resume {path}')
 
 
 def check_aux_heads(state_dict, model, path):
@@ -226,16 +251,17 @@ def check_aux_heads(state_dict, model, path):
 
 
 def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes):
-    """Load model, optimizer and schedule; set args.start_epoch; return the best top-1 so far."""
+    """Load model, optimizer and schedule; set args.start_epoch; return (best top-1 so far, step to resume
+    the epoch from, saved random state)."""
     print(f"=> loading checkpoint '{path}'")
     checkpoint = checkpoints.load(path, args.model, num_classes,
                                   ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
     dev.load_training_state(model_without_ddp, optimizer, checkpoint['state_dict'], checkpoint['optimizer'])
     lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    args.start_epoch = checkpoint['epoch'] + 1
+    args.start_epoch, resume_step = classification.resume_position(checkpoint)
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
-    return checkpoint['best_acc1']
+    return checkpoint['best_acc1'], resume_step, checkpoint.get('rng_state')
 
 
 def drop_aux_heads(model):
@@ -264,12 +290,12 @@ def build_model(args, num_classes):
 
 
 def load_data(train_dir, val_dir, args):
-    """train.py's datasets and samplers with this trainer's options: no file-list cache, no seeded
-    augmentation; without --seed the train sampler shuffles from seed 0, the DistributedSampler default,
-    so that every rank draws the same permutation."""
+    """train.py's datasets and samplers with this trainer's options: no file-list cache; with --seed each
+    sample's augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the train
+    sampler shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order."""
     options = argparse.Namespace(**vars(args))
     options.cache_dataset = False
-    options.deterministic = False
+    options.deterministic = args.seed is not None
     options.seed = 0 if args.seed is None else args.seed
     return classification.load_data(train_dir, val_dir, options)
 
@@ -335,9 +361,10 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(args.model), **DDP_SETTINGS))
         model_without_ddp = model.module
 
-    best_acc1 = 0.0
+    best_acc1, resume_step, rng_state = 0.0, 0, None
     if args.resume:
-        best_acc1 = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes)
+        best_acc1, resume_step, rng_state = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler,
+                                                   args, num_classes)
 
     if args.evaluate:
         validate(val_loader, model_without_ddp, criterion, dev, args)
@@ -346,10 +373,16 @@ def main(args):
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
+    stop = utils.GracefulStop()
     for epoch in range(args.start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
+        first_step = resume_step if epoch == args.start_epoch else 0
+        classification.prepare_epoch(epoch, first_step, train_sampler, dev, args.batch_size, args.seed, rng_state)
         print('training epoch ', epoch)
-        train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=epoch == args.start_epoch)
+        stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args,
+                           warm_up=epoch == args.start_epoch, stop=stop, first_step=first_step)
+        if stopped_at is not None:
+            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args,
+                                     num_classes, next_step=stopped_at)
         lr_scheduler.step()
         utils.broadcast_buffers(model_without_ddp)
 
@@ -366,6 +399,9 @@ def main(args):
             print('saving ckpt epoch ', epoch)
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
                             num_classes)
+        if stop.should_stop(True, dev.collective_device) and epoch + 1 < args.epochs:
+            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args,
+                                     num_classes)
 
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')

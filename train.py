@@ -217,6 +217,18 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args
     return latest
 
 
+def prepare_epoch(epoch, first_step, train_sampler, dev, batch_size, seed, rng_state=None):
+    """Set the data order and random state for an epoch: from its start (re-seeded when `seed` is given,
+    so that a resumed run repeats an uninterrupted one), or from `first_step` after a mid-epoch stop."""
+    train_sampler.set_epoch(epoch)
+    if first_step:
+        print(f'Resuming epoch {epoch} at step {first_step}')
+        train_sampler.skip_next_epoch(first_step * batch_size)
+        dev.set_rng_state(rng_state)
+    elif seed is not None:
+        torch.manual_seed(data.epoch_seed(seed, epoch))
+
+
 def resume_position(checkpoint):
     """(epoch, step) to continue from: the next epoch, or the step after a mid-epoch stop."""
     if checkpoint.get('next_step'):
@@ -271,7 +283,7 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, **dev.ddp_kwargs(args.model))
         model_without_ddp = model.module
 
-    resume_step = 0
+    resume_step, rng_state = 0, None
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
@@ -279,6 +291,7 @@ def main(args):
         if lr_scheduler is not None and checkpoint['lr_scheduler'] is not None:
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
         args.start_epoch, resume_step = resume_position(checkpoint)
+        rng_state = checkpoint.get('rng_state')
 
     if args.test_only:
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
@@ -289,17 +302,12 @@ def main(args):
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
         if lr_table:
             for group in optimizer.param_groups:
                 group['lr'] = lr_table[epoch]
         first_step = resume_step if epoch == args.start_epoch else 0
-        if first_step:
-            print(f'Resuming epoch {epoch} at step {first_step}')
-            train_sampler.skip_next_epoch(first_step * args.batch_size)
-            dev.set_rng_state(checkpoint['rng_state'])
-        elif args.deterministic:
-            torch.manual_seed(data.epoch_seed(args.seed, epoch))
+        prepare_epoch(epoch, first_step, train_sampler, dev, args.batch_size,
+                      args.seed if args.deterministic else None, rng_state)
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
                                              args, stop, first_step)
         images_trained += images

@@ -264,3 +264,37 @@ def test_resume_refuses_a_different_model_or_class_count(jpeg_dataset, fresh_dat
     change = [fresh_dataset(classes=3) if c is None else c for c in change]
     result = run_script(args + change)
     assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
+
+
+GOOGLENET_QUICK = ['--device', 'cpu', '--batch-size', '4', '--workers', '1', '--train-crop-size', '16',
+                   '--val-resize-size', '18', '--val-crop-size', '16']
+
+
+def test_googlenet_trainer_sigterm_and_resume_end_with_the_same_weights(jpeg_dataset, tmp_path):
+    common = ['--data-path', jpeg_dataset, *GOOGLENET_QUICK, '--epochs', '2', '--seed', '7', '--save-checkpoint', '1']
+    straight = run_script(['main.py', *common, '--output-dir', str(tmp_path / 'straight')])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = start(['main.py', *common, '--output-dir', str(tmp_path / 'cut')])
+    read_until(proc, r'^Epoch: \[1\]\[ ?3/12\]')
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    stopped = re.search(r'Stopped by SIGTERM: saved epoch 1 before step \d+ to (\S+); continue', rest)
+    assert stopped, rest[-2000:]
+
+    resumed = run_script(['main.py', *common, '--output-dir', str(tmp_path / 'cut'), '--resume', stopped.group(1)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    name = 'checkpoint_1_cpu.pth.tar'
+    a = torch.load(tmp_path / 'straight' / name, weights_only=True)['state_dict']
+    b = torch.load(tmp_path / 'cut' / name, weights_only=True)['state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_googlenet_trainer_stops_on_a_nan_loss(jpeg_dataset, tmp_path):
+    result = run_script(['main.py', '--data-path', jpeg_dataset, *GOOGLENET_QUICK, '--workers', '0', '--epochs', '1',
+                         '--lr', '1e12', '--output-dir', str(tmp_path)])
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert re.search(r'^error: non-finite loss at epoch 0, step \d+ \(lr 1000000000000\.0\)', result.stderr,
+                     flags=re.M), result.stderr[-1500:]
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,58 @@
+"""Command-line plumbing shared by the trainers and the demo wrappers, free of torch so that the
+wrappers (and `--dry-run`) start at once: the error types that end a run with one line, `run_cli`,
+an ArgumentParser whose errors are one line, and the True/False flag parser of the originals."""
+import argparse
+import signal
+import sys
+
+
+class CleanExit(Exception):
+    """An expected way for a run to fail: reported as one line on stderr, no traceback."""
+    exit_code = 1
+
+
+class UsageError(CleanExit):
+    """Bad input from the user: one line naming the flag or file and what to do, exit status 2."""
+    exit_code = 2
+
+
+def run_cli(main, *args):
+    """Run `main(*args)`, turning a CleanExit into one line on stderr and its exit status."""
+    try:
+        return main(*args)
+    except CleanExit as err:
+        sys.stderr.write(f'error: {err}\n')  # not print(): on ranks > 0 print is silenced
+        sys.stderr.flush()
+        raise SystemExit(err.exit_code)
+    finally:
+        end_loader_workers()
+
+
+def end_loader_workers():
+    """Loader workers ignore SIGTERM (data.seed_worker), so multiprocessing's clean-up at exit, which
+    sends them SIGTERM and then waits, would wait forever for workers of a loader that an error left
+    running. End them here instead."""
+    import multiprocessing
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as crashed
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
+
+
+def parse_bool(value):
+    """'True'/'False' flags as the original scripts take them, but a typo is an error, not False."""
+    lowered = str(value).strip().lower()
+    if lowered in ('true', '1', 'yes'):
+        return True
+    if lowered in ('false', '0', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus a pointer to --help) instead of the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
