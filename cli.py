@@ -30,8 +30,8 @@ def run_cli(main, *args):
 
 def end_loader_workers():
     """Loader workers ignore SIGTERM (data.seed_worker), so multiprocessing's clean-up at exit, which
-    sends them SIGTERM and then waits, would wait forever for workers of a loader that an error left
-    running. End them here instead."""
+    sends them SIGTERM and then waits, would wait forever for workers that are still running (a loader
+    that an error left behind, persistent workers). End them here instead."""
     import multiprocessing
     children = multiprocessing.active_children()
     if children:

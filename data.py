@@ -3,6 +3,7 @@
 Loaders yield (images, targets). Images are either float and normalised (the reference MP pipeline)
 or uint8 (the fast pipeline); the device layer normalises uint8 batches on the device.
 """
+import atexit
 import hashlib
 import itertools
 import math
@@ -17,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
-from utils import UsageError
+from cli import UsageError, end_loader_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -247,16 +248,27 @@ def habana_dataloader_class():
     return habana_dataloader.HabanaDataLoader
 
 
+def worker_options(workers, start_method=None):
+    """DataLoader options for `workers` persistent worker processes, which ignore SIGTERM (seed_worker).
+
+    multiprocessing's own clean-up at exit ends workers with SIGTERM and then waits for them, so an exit
+    hook that runs before it (atexit runs hooks in reverse order) ends any that are left.
+    """
+    if workers <= 0:
+        return dict(num_workers=0)
+    atexit.register(end_loader_workers)
+    return dict(num_workers=workers, worker_init_fn=seed_worker, persistent_workers=True,
+                multiprocessing_context=start_method)
+
+
 def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_method=None, seed=0):
     """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers.
 
     The loader draws its worker seeds from its own generator, never from the global RNG, so the
     global RNG (dropout) runs the same whether an epoch starts workers afresh or reuses them.
     """
-    extra = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=seed_worker,
-                 generator=torch.Generator().manual_seed(seed))
-    if workers > 0:
-        extra.update(persistent_workers=True, multiprocessing_context=start_method)
+    extra = dict(pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                 **worker_options(workers, start_method))
     if train:
         return DataLoader(dataset, batch_sampler=TrainBatchSampler(sampler, batch_size), **extra)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **extra)
@@ -270,8 +282,8 @@ def epoch_seed(seed, epoch):
 def resolve_loader_kind(requested):
     """The loader that will really run for --dl-worker-type: HABANA needs the habana_dataloader package."""
     if requested == 'HABANA' and habana_dataloader_class() is None:
-        print('habana_dataloader is not installed: --dl-worker-type HABANA uses the torch DataLoader (MP)')
-        return 'MP'
+        print('habana_dataloader is not installed: --dl-worker-type HABANA uses the fast JPEG pipeline (FAST)')
+        return 'FAST'
     return requested
 
 

@@ -118,13 +118,14 @@ class CPUDevice:
         return image.contiguous(memory_format=self.memory_format), target
 
     def _normalise(self, image):
+        """(x / 255 - mean) / std as one multiply-add on the uint8 batch (which keeps its layout)."""
         key = image.device
         if key not in self._normalisers:
-            mean = torch.tensor(IMAGENET_MEAN, device=key).view(1, 3, 1, 1) * 255
             inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=key).view(1, 3, 1, 1) * 255)
-            self._normalisers[key] = (mean, inv_std)
-        mean, inv_std = self._normalisers[key]
-        return (image.float() - mean).mul_(inv_std)
+            shift = -torch.tensor(IMAGENET_MEAN, device=key).view(1, 3, 1, 1) * 255 * inv_std
+            self._normalisers[key] = (shift, inv_std)
+        shift, inv_std = self._normalisers[key]
+        return torch.addcmul(shift, image, inv_std)
 
     @contextlib.contextmanager
     def checkpoint_state(self, model, optimizer):

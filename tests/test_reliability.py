@@ -79,6 +79,9 @@ BAD_INPUTS = {
                                     r'--data-path: .*class_03.*every class folder needs at least one image'),
     'truncated JPEG': (lambda d, t: ['--data-path', damaged_copy(d, t, truncate_a_jpeg), '--workers', '1'],
                        r"--data-path: cannot decode image '.*train_01_00003.JPEG'.*remove or replace the file"),
+    'truncated JPEG, fast pipeline': (lambda d, t: ['--data-path', damaged_copy(d, t, truncate_a_jpeg), '--workers', '1',
+                                                    '--dl-worker-type', 'FAST'],
+                                      r"--data-path: cannot decode image '.*train_01_00003.JPEG'.*remove or replace"),
     'text file named .JPEG': (lambda d, t: ['--data-path', damaged_copy(d, t, fake_jpeg)],
                               r"--data-path: cannot decode image '.*scan.JPEG'"),
     'unknown model': (lambda d, t: ['--model', 'resnet5'], "--model: unknown model 'resnet5'; choose one of"),
@@ -157,8 +160,10 @@ def read_until(proc, pattern, timeout=180):
     raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
 
 
-def test_sigterm_saves_mid_epoch_and_resume_ends_with_the_same_weights(jpeg_dataset, tmp_path):
-    common = ['--epochs', '2', '--deterministic', '--save-checkpoint', '--num-eval-steps', '1', '--workers', '1']
+@pytest.mark.parametrize('loader', ['MP', 'FAST'])
+def test_sigterm_saves_mid_epoch_and_resume_ends_with_the_same_weights(jpeg_dataset, tmp_path, loader):
+    common = ['--epochs', '2', '--deterministic', '--save-checkpoint', '--num-eval-steps', '1', '--workers', '1',
+              '--dl-worker-type', loader]
     run_to_end(jpeg_dataset, tmp_path / 'straight', *common)
 
     proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / 'cut'), *QUICK, *common])

@@ -1,0 +1,140 @@
+"""Images per second per loader worker: the fast JPEG pipeline against the reference MP pipeline.
+
+Both read the same ImageFolder with the same number of workers and batch size; the reference is the
+project's MP loader (PIL + torchvision transforms, float normalised batches), the fast one is
+fast_jpeg (uint8 batches, normalised later on the device). With --to-device each batch also goes
+through the device layer's to_device on the CPU, as in CPU training, so both end as normalised float
+channels_last batches. Epochs of the pipelines alternate; medians are reported, as wall-clock img/s
+per worker and as images per CPU-second of the loader workers (the figure that other processes on a
+shared machine disturb least).
+
+    python benchmarks/dataloader.py                       # writes an ImageNet-like folder itself
+    python benchmarks/dataloader.py --data DIR --workers 1 --repeats 5
+"""
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import devices  # noqa: E402
+import fast_jpeg  # noqa: E402
+import sample_data  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data', help='ImageFolder root with train/ and val/ (default: write an ImageNet-like one)')
+    parser.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--repeats', type=int, default=5, help='timed epochs of each pipeline')
+    parser.add_argument('--split', choices=('train', 'val', 'both'), default='both')
+    parser.add_argument('--to-device', action='store_true',
+                        help='also run the device layer\'s to_device (CPU) on every batch in the main process')
+    parser.add_argument('--classes', type=int, default=10, help='for the generated folder')
+    parser.add_argument('--per-class', type=int, default=48, help='train images per class of the generated folder')
+    return parser.parse_args()
+
+
+def build(root, args, dev):
+    """{split: {pipeline: (loader, sampler)}} over the same files. 'fast, whole decode' is the fast
+    pipeline without the region decoder (shown only where csrc/build.sh has built it)."""
+    train = data.image_folder(os.path.join(root, 'train'), data.train_transform(224))
+    val = data.image_folder(os.path.join(root, 'val'), data.eval_transform(256, 224))
+    train_sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
+    val_sampler = data.ShardedEvalSampler(len(val))
+    reference = data.build_loaders('MP', train, val, train_sampler, val_sampler, args.batch_size, args.workers, dev)
+    fast = fast_jpeg.build_loaders(train, val, train_sampler, val_sampler, args.batch_size, args.workers, dev)
+    pipelines = {'train': {'reference': (reference[0], train_sampler), 'fast': (fast[0], train_sampler)},
+                 'val': {'reference': (reference[1], val_sampler), 'fast': (fast[1], val_sampler)}}
+    if fast_jpeg.REGION_DECODER is not None:
+        whole = fast_jpeg.TrainBatches(train.samples, 224, seed=0, region_decode=False)
+        batches = fast_jpeg.EpochBatchSampler(train_sampler, args.batch_size)
+        pipelines['train']['fast, whole decode'] = (fast_jpeg.batch_loader(whole, batches, args.workers, dev),
+                                                    train_sampler)
+    return pipelines
+
+
+def workers_cpu_seconds():
+    """CPU time (user + system) used so far by this process's live child processes (loader workers)."""
+    total = 0
+    for child in multiprocessing.active_children():
+        try:
+            with open(f'/proc/{child.pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf('SC_CLK_TCK')
+
+
+def epoch_rate(loader, sampler, epoch, dev):
+    """(img/s, img per worker CPU-second) over one epoch; each batch goes through dev.to_device when
+    dev is given. With no workers, the main process's CPU time stands in for the workers'."""
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+    images = 0
+    start, cpu_start, own_start = time.perf_counter(), workers_cpu_seconds(), time.process_time()
+    for image, target in loader:
+        if dev is not None:
+            image, target = dev.to_device(image, target)
+        images += image.shape[0]
+    wall = time.perf_counter() - start
+    cpu = workers_cpu_seconds() - cpu_start if loader.num_workers else time.process_time() - own_start
+    return images / wall, images / max(cpu, 1e-9)
+
+
+def compare(pipelines, args, dev=None):
+    """img/s of each pipeline per epoch, epochs interleaved (after one warm-up epoch each)."""
+    rates = {name: [] for name in pipelines}
+    for epoch in range(args.repeats + 1):
+        order = list(pipelines) if epoch % 2 == 0 else list(reversed(pipelines))
+        for name in order:
+            rate = epoch_rate(*pipelines[name], epoch, dev)
+            if epoch > 0:
+                rates[name].append(rate)
+    return rates
+
+
+def report(split, rates, workers):
+    wall = {name: statistics.median(r[0] for r in runs) for name, runs in rates.items()}
+    cpu = {name: statistics.median(r[1] for r in runs) for name, runs in rates.items()}
+    for name in rates:
+        runs = ' '.join(f'{r[0]:.0f}' for r in rates[name])
+        print(f'{split:5s} {name:18s}: {wall[name] / max(workers, 1):6.1f} img/s per worker '
+              f'{wall[name] / wall["reference"]:5.2f}x | {cpu[name]:6.1f} img per worker CPU-s '
+              f'{cpu[name] / cpu["reference"]:5.2f}x  (img/s by epoch: {runs})')
+
+
+def run(root, args):
+    torch.set_num_threads(1)  # the main process only receives batches; keep its cores for the workers
+    dev = devices.create('cpu', channels_last=True)
+    pipelines = build(root, args, dev)
+    print(f'machine: {describe()}; data: {root}; workers {args.workers}, batch {args.batch_size}, '
+          f'{args.repeats} timed epochs each, medians, to_device {"on" if args.to_device else "off"}')
+    for split in (('train', 'val') if args.split == 'both' else (args.split,)):
+        report(split, compare(pipelines[split], args, dev if args.to_device else None), args.workers)
+
+
+def main():
+    args = parse_args()
+    if args.data:
+        run(args.data, args)
+        return
+    with tempfile.TemporaryDirectory(prefix='imagenet_like_') as root:
+        count = sample_data.make_dataset(root, args.classes, args.per_class, max(args.per_class // 4, 1),
+                                         imagenet_like=True)
+        print(f'wrote {count} ImageNet-like JPEGs under {root}')
+        run(root, args)
+
+
+if __name__ == '__main__':
+    main()
