@@ -256,6 +256,7 @@ def worker_options(workers, start_method=None):
     """
     if workers <= 0:
         return dict(num_workers=0)
+    atexit.unregister(end_loader_workers)  # registered once, whatever the number of loaders
     atexit.register(end_loader_workers)
     return dict(num_workers=workers, worker_init_fn=seed_worker, persistent_workers=True,
                 multiprocessing_context=start_method)

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -238,11 +239,16 @@ def run(launch):
     except FileNotFoundError:
         raise UsageError(f"{launch.command[0]} not found on PATH: install OpenMPI (e.g. apt-get install "
                          "openmpi-bin) or run with --world-size 1") from None
+    # SIGTERM to the wrapper alone (a scheduler, `kill`) is passed on, so the trainer can finish its
+    # step and save instead of being orphaned; the wrapper then reports how the trainer ended.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
     with child:
         try:
             status = child.wait()
         except KeyboardInterrupt:  # the terminal interrupted mpirun too: let it stop its ranks
             status = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return status if status >= 0 else 128 - status
 
 

@@ -183,6 +183,18 @@ def test_sigterm_saves_mid_epoch_and_resume_ends_with_the_same_weights(jpeg_data
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_sigterm_to_the_demo_wrapper_reaches_the_trainer_which_saves_and_exits_0(jpeg_dataset, tmp_path):
+    proc = start(['demo_resnet.py', '--world-size', '1', '--device', 'cpu', '--model', 'resnet18', '--batch-size', '4',
+                  '--workers', '0', '--dl-worker-type', 'MP', '--epochs', '3', '--data-path', jpeg_dataset,
+                  '--output-dir', str(tmp_path)])
+    read_until(proc, r'^Epoch: \[0\]  \[ ?2/')
+    proc.send_signal(signal.SIGTERM)  # the wrapper alone, as `kill <pid>` or a scheduler would
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    assert re.search(r'Stopped by SIGTERM: saved epoch 0 before step \d+', rest)
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['next_step'] >= 3
+
+
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(jpeg_dataset, tmp_path):
     out = tmp_path / 'out'
     proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--model', 'resnet101',
