@@ -4,7 +4,6 @@ A port of Habana's 1.4.0 train.py, itself torchvision's references/classificatio
 0.10) plus Habana's changes. Function names, flags and log lines follow upstream; the deliberate
 changes are listed in the README. Everything device-specific is behind devices.py.
 """
-import argparse
 import datetime
 import os
 import random

@@ -5,7 +5,6 @@ train.train_one_epoch, the permutation helpers) is the project's real code.
 """
 import argparse
 import os
-import sys
 
 import pytest
 import torch
