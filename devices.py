@@ -56,7 +56,10 @@ def ddp_bucket_cap_mb(model_name):
 class CPUDevice:
     kind = 'cpu'
     collective_backend = 'gloo'
-    worker_start_method = None  # the platform default (fork on Linux)
+    # Loader workers are forked from a clean single-threaded server process: a plain fork of a trainer
+    # that already runs gloo/NCCL and OpenMP threads can deadlock in the child (seen: a validation
+    # worker hung inside fork under mpirun).
+    worker_start_method = 'forkserver'
 
     def __init__(self, channels_last=True, hmp=None, lazy_mode=True):
         self.lazy_mode = lazy_mode
