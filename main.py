@@ -19,7 +19,6 @@ import torch.nn as nn
 from torchvision.models import GoogLeNetOutputs
 
 import checkpoints
-import data
 import devices
 import model as models
 import train as classification  # train.py; main.py has a train() of its own
@@ -289,45 +288,29 @@ def build_model(args, num_classes):
     return drop_aux_heads(model) if args.no_aux_logits else model
 
 
-def load_data(train_dir, val_dir, args):
-    """train.py's datasets and samplers with this trainer's options: no file-list cache; with --seed each
-    sample's augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the train
-    sampler shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order."""
+def data_loaders(args, dev):
+    """train.py's data set-up with this trainer's options: no file-list cache; with --seed each sample's
+    augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the train sampler
+    shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order.
+    Returns (number of classes, train sampler, train loader, validation loader)."""
     options = argparse.Namespace(**vars(args))
     options.cache_dataset = False
     options.deterministic = args.seed is not None
     options.seed = 0 if args.seed is None else args.seed
-    return classification.load_data(train_dir, val_dir, options)
-
-
-def data_loaders(args, dev):
-    """(number of classes, train sampler, train loader, validation loader) for --data-path."""
-    train_dir = data.check_split_dir(args.data_path, 'train')
-    val_dir = data.check_split_dir(args.data_path, 'val')
-    args.dl_worker_type = data.resolve_loader_kind(args.dl_worker_type)
-    dataset, dataset_test, train_sampler, test_sampler = load_data(train_dir, val_dir, args)
-    loader_seed = args.seed if args.seed is not None else int(torch.randint(2 ** 31, ()).item())
-    loaders = data.build_loaders(args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler,
-                                 args.batch_size, args.workers, dev, args.train_crop_size, args.val_resize_size,
-                                 args.val_crop_size, seed=loader_seed)
-    return (len(dataset.classes), train_sampler, *loaders)
+    result = classification.data_loaders(options, dev, args.seed)
+    args.dl_worker_type = options.dl_worker_type  # the loader that really runs, for print(args) and checkpoints
+    return result
 
 
 def check_args(args):
     """Refuse values that cannot work, before any data is read or any file written."""
     least_crop = GOOGLENET_MIN_INPUT if args.model == 'googlenet' else 1
-    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
-                               ('--workers', args.workers, 0), ('--print-interval', args.print_interval, 1),
-                               ('--num-train-steps', args.num_train_steps, 1),
-                               ('--save-checkpoint', args.save_checkpoint, 0),
-                               ('--start-epoch', args.start_epoch, 0),
-                               ('--train-crop-size', args.train_crop_size, least_crop),
-                               ('--val-crop-size', args.val_crop_size, least_crop),
-                               ('--val-resize-size', args.val_resize_size, args.val_crop_size)):
-        if value < least:
-            raise UsageError(f'{flag} must be at least {least}, got {value}')
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
+    classification.check_common_args(args, (
+        ('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1), ('--workers', args.workers, 0),
+        ('--print-interval', args.print_interval, 1), ('--num-train-steps', args.num_train_steps, 1),
+        ('--save-checkpoint', args.save_checkpoint, 0), ('--start-epoch', args.start_epoch, 0),
+        ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
+        ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     if args.is_amp:
         raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
                          'mixed precision) on hpu, gpu and cpu')

@@ -121,6 +121,21 @@ def load_data(traindir, valdir, args):
     return dataset, dataset_test, train_sampler, test_sampler
 
 
+def data_loaders(args, dev, loader_seed=None):
+    """(number of classes, train sampler, train loader, validation loader) for --data-path; the loaders
+    draw their random seeds from `loader_seed` (a fresh random one when None)."""
+    train_dir = data.check_split_dir(args.data_path, 'train')
+    val_dir = data.check_split_dir(args.data_path, 'val')
+    args.dl_worker_type = data.resolve_loader_kind(args.dl_worker_type)
+    dataset, dataset_test, train_sampler, test_sampler = load_data(train_dir, val_dir, args)
+    if loader_seed is None:
+        loader_seed = int(torch.randint(2 ** 31, ()).item())
+    loaders = data.build_loaders(args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler,
+                                 args.batch_size, args.workers, dev, args.train_crop_size, args.val_resize_size,
+                                 args.val_crop_size, seed=loader_seed)
+    return (len(dataset.classes), train_sampler, *loaders)
+
+
 def custom_lr_table(base_lr, values, milestones, epochs):
     """Per-epoch learning rates: `base_lr` until the first milestone, then values[i] from milestones[i].
 
@@ -151,24 +166,28 @@ def custom_lr_table(base_lr, values, milestones, epochs):
     return table
 
 
-def check_args(args):
-    """Refuse values that cannot work, before any data is read or any file written."""
-    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
-                               ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
-                               ('--num-train-steps', args.num_train_steps, 1),
-                               ('--num-eval-steps', args.num_eval_steps, 0),
-                               ('--train-crop-size', args.train_crop_size, 1),
-                               ('--val-crop-size', args.val_crop_size, 1),
-                               ('--val-resize-size', args.val_resize_size, args.val_crop_size)):
+def check_common_args(args, limits):
+    """Checks both trainers make before any data is read or any file written: each (flag, value, least)
+    of `limits`, the model name and the --resume file."""
+    for flag, value, least in limits:
         if value < least:
             raise UsageError(f'{flag} must be at least {least}, got {value}')
-    if args.start_epoch < 0:
-        raise UsageError(f'--start-epoch must be at least 0, got {args.start_epoch}')
     if args.model not in models.available_models():
         raise UsageError(f"--model: unknown model '{args.model}'; choose one of: "
                          + ', '.join(models.available_models()))
     if args.resume and not os.path.isfile(args.resume):
         raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
+
+
+def check_args(args):
+    """Refuse values that cannot work, before any data is read or any file written."""
+    check_common_args(args, (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
+                             ('--num-train-steps', args.num_train_steps, 1),
+                             ('--num-eval-steps', args.num_eval_steps, 0), ('--start-epoch', args.start_epoch, 0),
+                             ('--train-crop-size', args.train_crop_size, 1),
+                             ('--val-crop-size', args.val_crop_size, 1),
+                             ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
@@ -255,15 +274,8 @@ def main(args):
     print(args)
     seed_everything(args.seed, args.deterministic)
 
-    train_dir = data.check_split_dir(args.data_path, 'train')
-    val_dir = data.check_split_dir(args.data_path, 'val')
-    args.dl_worker_type = data.resolve_loader_kind(args.dl_worker_type)
-    dataset, dataset_test, train_sampler, test_sampler = load_data(train_dir, val_dir, args)
-    num_classes = len(dataset.classes)
-    data_loader, data_loader_test = data.build_loaders(
-        args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler, args.batch_size,
-        args.workers, dev, args.train_crop_size, args.val_resize_size, args.val_crop_size,
-        seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()))
+    num_classes, train_sampler, data_loader, data_loader_test = data_loaders(
+        args, dev, args.seed if args.deterministic else None)
 
     print('Creating model')
     model = dev.prepare_model(build_model(args, num_classes))
