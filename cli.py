@@ -2,8 +2,13 @@
 wrappers (and `--dry-run`) start at once: the error types that end a run with one line, `run_cli`,
 an ArgumentParser whose errors are one line, and the True/False flag parser of the originals."""
 import argparse
+import contextlib
 import signal
 import sys
+
+# The signals that ask a run to stop after the current step and save: SIGTERM (schedulers' preemption)
+# and SIGUSR1 (SLURM's --signal; mpirun forwards it to every rank without killing them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class CleanExit(Exception):
@@ -39,6 +44,18 @@ def end_loader_workers():
     for child in children:
         child.kill()
         child.join(timeout=10)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals in this thread, e.g. while helper processes start: a child inherits the mask
+    (across exec too), so it never receives a stop signal sent to the whole process group, and a signal
+    that arrives meanwhile is delivered here when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def parse_bool(value):

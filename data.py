@@ -15,10 +15,9 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import BatchSampler, DataLoader, Sampler
-from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
-from cli import UsageError, end_loader_workers
+from cli import STOP_SIGNALS, UsageError, end_loader_workers, stop_signals_blocked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,18 +151,28 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 
 class EpochIndexSampler(Sampler):
-    """Yields (epoch, index) pairs from a DistributedSampler, for SeededAugmentation."""
+    """Yields (epoch, index) pairs from a TrainSampler, for SeededAugmentation."""
 
     def __init__(self, sampler):
         self.sampler = sampler
-        self.epoch = 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+    @property
+    def epoch(self):
+        return self.sampler.epoch
 
-    def skip_next_epoch(self, samples):
-        self.sampler.skip_next_epoch(samples)
+    @property
+    def dataset_len(self):
+        return self.sampler.dataset_len
+
+    @property
+    def num_replicas(self):
+        return self.sampler.num_replicas
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch, start)
+
+    def position_after(self, batches, batch_size):
+        return self.sampler.position_after(batches, batch_size)
 
     def __iter__(self):
         epoch = self.epoch
@@ -187,53 +196,98 @@ class ShardedEvalSampler(Sampler):
         return len(self.indices)
 
 
+def train_batches(samples, batch_size):
+    """Training batches of `samples` samples: the last batch may be short, but a trailing batch of a single
+    sample is left out (BatchNorm cannot train on one value per channel)."""
+    return math.ceil(samples / batch_size) - int(samples % batch_size == 1)
+
+
 class TrainBatchSampler(BatchSampler):
-    """Batches of the training sampler, leaving out a trailing batch of a single sample
-    (BatchNorm cannot train on one value per channel)."""
+    """Batches of the training sampler, as many as train_batches() counts."""
 
     def __init__(self, sampler, batch_size):
         super().__init__(sampler, batch_size, drop_last=False)
 
     def __iter__(self):
-        # len() before iterating: a resumed epoch's sampler is shorter until it has been iterated.
         return itertools.islice(super().__iter__(), len(self))
 
     def __len__(self):
-        samples = len(self.sampler)
-        drops_single = samples > 1 and samples % self.batch_size == 1
-        return math.ceil(samples / self.batch_size) - int(drops_single)
+        return train_batches(len(self.sampler), self.batch_size)
 
 
-class TrainSampler(DistributedSampler):
-    """This rank's shuffled share of the training set (the same order for a given seed and epoch),
-    which can leave out the samples already trained on when a run resumes in the middle of an epoch."""
+class TrainSampler(Sampler):
+    """This rank's share of an epoch's shuffled order of the training set, from a position in that order.
 
-    def __init__(self, dataset, num_replicas, rank, seed):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
+    The epoch order is DistributedSampler's: a permutation drawn from seed + epoch, the same on every rank,
+    padded with its first samples to a multiple of the world size; rank r of w takes every w-th sample
+    from r. A run stopped mid-epoch records its position as the number of samples of that order all ranks
+    together have trained on (`position_after`), not as a step number, so a resume with another world size
+    or batch size continues at the same place; with the same ones it continues exactly. Every epoch's
+    start is set explicitly (`set_epoch`), so no position outlives the epoch it was meant for.
+    """
 
-    def skip_next_epoch(self, samples):
-        """Leave out the first `samples` of the next epoch's order (once)."""
-        self.skip = samples
+    def __init__(self, dataset_len, num_replicas, rank, seed):
+        self.dataset_len = dataset_len
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        """Iterate epoch `epoch` from position `start` (samples of its order already trained on)."""
+        self.epoch = epoch
+        self.start = min(max(start, 0), self.dataset_len)
+
+    def epoch_order(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.dataset_len, generator=g).tolist()
+
+    def _remaining_order(self):
+        """The epoch order from `start`, padded (with the order's first samples) to a multiple of the world size."""
+        order = self.epoch_order()
+        remaining = order[self.start:]
+        if not remaining:
+            return []
+        padding = -len(remaining) % self.num_replicas
+        return remaining + list(itertools.islice(itertools.cycle(order), padding))
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        self.skip = 0
-        return iter(indices)
+        return iter(self._remaining_order()[self.rank::self.num_replicas])
 
     def __len__(self):
-        return max(self.num_samples - self.skip, 0)
+        return math.ceil((self.dataset_len - self.start) / self.num_replicas)
+
+    def position_after(self, batches, batch_size):
+        """The epoch position once every rank has trained `batches` batches of `batch_size` from `start`:
+        the whole epoch after its last batch (a left-out single sample included)."""
+        if batches >= train_batches(len(self), batch_size):
+            return self.dataset_len
+        return min(self.start + batches * batch_size * self.num_replicas, self.dataset_len)
 
 
 def train_sampler(dataset, world_size, rank, seed, deterministic):
-    sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+    sampler = TrainSampler(len(dataset), num_replicas=world_size, rank=rank, seed=seed)
     return EpochIndexSampler(sampler) if deterministic else sampler
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose worker processes (and the forkserver they come from) start with the stop signals
+    blocked: a SIGTERM sent to the whole process group, as clusters send it, must reach only the trainer,
+    which finishes its step and saves. Before, the forkserver died of it and took every worker with it
+    ('DataLoader worker exited unexpectedly'), losing the run."""
+
+    def __iter__(self):
+        with stop_signals_blocked():
+            return super().__iter__()
 
 
 def seed_worker(worker_id):
     """Give Python's and numpy's RNGs in each loader worker the seed torch chose for that worker, and
-    leave SIGTERM to the main process, which finishes the step and saves before anything exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave the stop signals to the main process, which finishes the step and saves before anything exits."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2 ** 32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
@@ -271,8 +325,8 @@ def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_
     extra = dict(pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                  **worker_options(workers, start_method))
     if train:
-        return DataLoader(dataset, batch_sampler=TrainBatchSampler(sampler, batch_size), **extra)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **extra)
+        return SignalSafeLoader(dataset, batch_sampler=TrainBatchSampler(sampler, batch_size), **extra)
+    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, **extra)
 
 
 def epoch_seed(seed, epoch):

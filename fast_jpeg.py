@@ -26,7 +26,7 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, Dataset
 
 import data
 
@@ -300,8 +300,8 @@ class EpochBatchSampler:
 def batch_loader(dataset, batch_keys, workers, dev):
     """A DataLoader whose every item is one batch already built by a worker (every random draw is
     seeded per sample, so the workers' own seeds do not matter)."""
-    return DataLoader(dataset, batch_size=None, sampler=batch_keys, pin_memory=dev.pin_memory(),
-                      **data.worker_options(workers, dev.worker_start_method))
+    return data.SignalSafeLoader(dataset, batch_size=None, sampler=batch_keys, pin_memory=dev.pin_memory(),
+                                 **data.worker_options(workers, dev.worker_start_method))
 
 
 def build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size, workers, dev,

@@ -30,6 +30,11 @@ FORWARDED_VARIABLES = (
 DEFAULT_MASTER_PORT = '12345'
 DEFAULT_SSHD_PORT = '3022'
 DEFAULT_MPI_ROOT = '/usr/local/openmpi'  # Habana's container
+# mpirun (OpenMPI 4.1) ends a job it is told to stop, or whose rank died, by sending each rank SIGCONT, then
+# SIGTERM, then SIGKILL, odls_base_sigkill_timeout seconds apart: 1 s by default, too short for a rank to
+# finish its step and save. Launched ranks get this much instead, unless the user set it.
+MPIRUN_KILL_GRACE_VARIABLE = 'OMPI_MCA_odls_base_sigkill_timeout'
+MPIRUN_KILL_GRACE = '10'
 
 # The Habana README spells one flag with a single dash (multinode example vi); read it as meant.
 SINGLE_DASH_SPELLINGS = {'-custom-lr-values': '--custom-lr-values',
@@ -226,29 +231,50 @@ def print_dry_run(launch):
     forwarded = [launch.command[i + 1] for i, arg in enumerate(launch.command) if arg == '-x']
     if forwarded:
         print('# forwarded to every rank with mpirun -x: ' + ' '.join(forwarded))
+    if launch.command[0] == 'mpirun':
+        print(f'# runs with {MPIRUN_KILL_GRACE_VARIABLE}={MPIRUN_KILL_GRACE} unless set (time for ranks to save '
+              'when mpirun is signalled)')
     for name, value in launch.exports.items():
         print(f'export {name}={shlex.quote(value)}')
     print(shlex.join(launch.command), flush=True)
 
 
 def run(launch):
-    """Run the command (no shell) and return its exit status, 128+N when signal N ended it."""
+    """Run the command (no shell) and return its exit status, 128+N when signal N ended it.
+
+    The command runs in a process group of its own, and the wrapper passes signals on: a stop signal
+    (cli.STOP_SIGNALS) to the wrapper or to its whole group, as schedulers send it, reaches the trainer as
+    a request to finish its step and save; to mpirun it goes as SIGUSR1, which mpirun forwards to every
+    rank and then waits for them (SIGTERM would make mpirun kill them after odls_base_sigkill_timeout).
+    SIGINT (Ctrl-C) is passed on as it is.
+    """
     print('command = ' + shlex.join(launch.command), flush=True)
+    env = {**os.environ, **launch.exports}
+    through_mpirun = launch.command[0] == 'mpirun'
+    if through_mpirun:
+        env.setdefault(MPIRUN_KILL_GRACE_VARIABLE, MPIRUN_KILL_GRACE)
     try:
-        child = subprocess.Popen(launch.command, env={**os.environ, **launch.exports})
+        child = subprocess.Popen(launch.command, env=env, process_group=0)
     except FileNotFoundError:
         raise UsageError(f"{launch.command[0]} not found on PATH: install OpenMPI (e.g. apt-get install "
                          "openmpi-bin) or run with --world-size 1") from None
-    # SIGTERM to the wrapper alone (a scheduler, `kill`) is passed on, so the trainer can finish its
-    # step and save instead of being orphaned; the wrapper then reports how the trainer ended.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    stop_as = signal.SIGUSR1 if through_mpirun else signal.SIGTERM
+
+    def pass_on_stop(signum, frame):
+        print(f'{signal.Signals(signum).name} received: asking the trainer to stop after its step and save'
+              + (' (SIGUSR1 through mpirun, which forwards it to every rank)' if through_mpirun else ''),
+              file=sys.stderr, flush=True)
+        child.send_signal(stop_as)
+
+    handlers = dict.fromkeys(cli.STOP_SIGNALS, pass_on_stop)
+    handlers[signal.SIGINT] = lambda *_: child.send_signal(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     with child:
         try:
             status = child.wait()
-        except KeyboardInterrupt:  # the terminal interrupted mpirun too: let it stop its ranks
-            status = child.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return status if status >= 0 else 128 - status
 
 

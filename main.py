@@ -158,7 +158,7 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
             rate.update(times.images_per_s)
             data_time.update(times.data_time)
             progress.display(i)
-        if stop is not None and stop.should_stop(printed, dev.collective_device):
+        if stop is not None and stop.after_step(i):
             return i + 1
         if i + 1 >= args.num_train_steps:
             break
@@ -166,8 +166,9 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
     return None
 
 
-def validate(val_loader, model, criterion, dev, args):
-    """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed."""
+def validate(val_loader, model, criterion, dev, args, stop=None):
+    """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed.
+    None when a stop signal cut it short (each rank leaves its loop on its own)."""
     batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
     rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', WARM_UP_WINDOWS)
     losses, top1, top5 = loss_and_accuracy_meters()
@@ -177,7 +178,7 @@ def validate(val_loader, model, criterion, dev, args):
     model.eval()
     window = PrintWindow()
     with torch.no_grad():
-        for i, (images, target) in enumerate(val_loader):
+        for i, (images, target) in enumerate([] if stop is not None and stop.signum else val_loader):
             images, target = dev.to_device(images, target)
             dev.mark_step('eval_input')
             with dev.autocast():
@@ -193,9 +194,14 @@ def validate(val_loader, model, criterion, dev, args):
                 progress.display(i)
             if i + 1 >= args.num_train_steps:  # the original bounds validation by this flag too
                 break
+            if stop is not None and stop.signum:
+                break
 
     top1.synchronize_between_processes(dev.collective_device)
     top5.synchronize_between_processes(dev.collective_device)
+    if stop is not None and stop.signum:
+        print(f'Test: cut short by {stop.signal_name} after {top1.count} images')
+        return None
     print(f'Test: evaluated {top1.count} images')
     print(f' * Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f}')
     return top1.global_avg
@@ -209,10 +215,11 @@ def checkpoint_paths(output_dir, epoch, device, is_best):
 
 
 def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
-                    num_classes, next_step=None):
+                    num_classes, position=None):
     """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best.
 
-    After a mid-epoch stop (`next_step`) the file also holds what a resume needs to continue exactly.
+    After a mid-epoch stop (at `position`: samples of the epoch's order trained) the file also holds what a
+    resume needs to continue exactly.
     """
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         checkpoint = checkpoints.stamp({
@@ -223,19 +230,11 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best
             'optimizer': optimizer_state,
             'lr_scheduler': lr_scheduler.state_dict(),
         }, args.model, num_classes)
-        if next_step is not None:
-            checkpoint.update(next_step=next_step, rng_state=dev.rng_state())
+        if position is not None:
+            checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
         paths = checkpoint_paths(args.output_dir, epoch, args.device, is_best)
         checkpoints.save(checkpoint, *paths)
     return paths[0]
-
-
-def stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args, num_classes,
-                      next_step=None):
-    path = save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
-                           num_classes, next_step)
-    where = f'epoch {epoch}' + (f' before step {next_step}' if next_step is not None else ' (complete)')
-    print(f'Stopped by SIGTERM: saved {where} to {path}; continue with --resume {path}')
 
 
 def check_aux_heads(state_dict, model, path):
@@ -250,17 +249,17 @@ def check_aux_heads(state_dict, model, path):
 
 
 def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes):
-    """Load model, optimizer and schedule; set args.start_epoch; return (best top-1 so far, step to resume
-    the epoch from, saved random state)."""
+    """Load model, optimizer and schedule; set args.start_epoch; return (best top-1 so far, epoch position to
+    resume from, saved random state)."""
     print(f"=> loading checkpoint '{path}'")
     checkpoint = checkpoints.load(path, args.model, num_classes,
                                   ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
     dev.load_training_state(model_without_ddp, optimizer, checkpoint['state_dict'], checkpoint['optimizer'])
     lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    args.start_epoch, resume_step = classification.resume_position(checkpoint)
+    args.start_epoch, resume_at = classification.resume_position(checkpoint)
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
-    return checkpoint['best_acc1'], resume_step, checkpoint.get('rng_state')
+    return checkpoint['best_acc1'], resume_at, checkpoint.get('rng_state')
 
 
 def drop_aux_heads(model):
@@ -344,9 +343,9 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(args.model), **DDP_SETTINGS))
         model_without_ddp = model.module
 
-    best_acc1, resume_step, rng_state = 0.0, 0, None
+    best_acc1, resume_at, rng_state = 0.0, 0, None
     if args.resume:
-        best_acc1, resume_step, rng_state = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler,
+        best_acc1, resume_at, rng_state = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler,
                                                    args, num_classes)
 
     if args.evaluate:
@@ -356,35 +355,41 @@ def main(args):
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
-    stop = utils.GracefulStop()
+    stop = utils.GracefulStop(args.distributed)
+
+    def save(position):
+        return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
+                               num_classes, position)
+
     for epoch in range(args.start_epoch, args.epochs):
-        first_step = resume_step if epoch == args.start_epoch else 0
-        classification.prepare_epoch(epoch, first_step, train_sampler, dev, args.batch_size, args.seed, rng_state)
+        position = resume_at if epoch == args.start_epoch else 0
+        first_step = classification.prepare_epoch(epoch, position, train_sampler, dev, args.batch_size, args.seed,
+                                                  rng_state)
         print('training epoch ', epoch)
         stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args,
                            warm_up=epoch == args.start_epoch, stop=stop, first_step=first_step)
         if stopped_at is not None:
-            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args,
-                                     num_classes, next_step=stopped_at)
+            position = train_sampler.position_after(stopped_at - first_step, args.batch_size)
+            if position < train_sampler.dataset_len:  # a stop on the epoch's last step ends the epoch first
+                return classification.stop_after_signal(stop, save, epoch, position, stopped_at - 1)
         lr_scheduler.step()
         utils.broadcast_buffers(model_without_ddp)
 
         print('validating epoch ', epoch)
-        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args)
+        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args, stop)
         epoch_time.update(time.time() - epoch_start)
         epoch_start = time.time()
         ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
             epoch - args.start_epoch + 1)
 
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
+        is_best = acc1 is not None and acc1 > best_acc1
+        best_acc1 = best_acc1 if acc1 is None else max(acc1, best_acc1)
         if args.save_checkpoint > 0 and (epoch + 1) % args.save_checkpoint == 0:
             print('saving ckpt epoch ', epoch)
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
                             num_classes)
-        if stop.should_stop(True, dev.collective_device) and epoch + 1 < args.epochs:
-            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, args,
-                                     num_classes)
+        if stop.at_epoch_end() and epoch + 1 < args.epochs:
+            return classification.stop_after_signal(stop, save, epoch)
 
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')

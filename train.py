@@ -68,20 +68,24 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
             metric_logger.meters['acc1'].update(acc1.item(), n=images)
             metric_logger.meters['acc5'].update(acc5.item(), n=images)
             metric_logger.meters['img/s'].update(throughput.images_per_second())
-        if stop is not None and stop.should_stop(logged, dev.collective_device):
+        if stop is not None and stop.after_step(step):
             return throughput.total_images, step + 1
     nonfinite.check(epoch)
     return throughput.total_images, None
 
 
-def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize):
+def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None):
+    """Top-1 accuracy over the validation set, or None when there was nothing to evaluate or a stop signal
+    cut it short (each rank leaves its loop on its own: the only collective is the final sum)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     for name in ('loss', 'acc1', 'acc5'):  # every rank must all-reduce the same meters, even with no batch
         metric_logger.add_meter(name, utils.SmoothedValue())
     header = 'Test:'
+    stopping = stop is not None and stop.signum
     with torch.no_grad():
-        for image, target in metric_logger.log_every(data_loader, print_freq, header, max_steps=num_eval_steps):
+        for image, target in [] if stopping else metric_logger.log_every(data_loader, print_freq, header,
+                                                                          max_steps=num_eval_steps):
             image, target = dev.to_device(image, target)
             dev.mark_step('eval_input')
             with dev.autocast():
@@ -92,7 +96,12 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
             metric_logger.update(loss=loss.item())
             metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
             metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
+            if stop is not None and stop.signum:
+                break
     metric_logger.synchronize_between_processes()
+    if stop is not None and stop.signum:
+        print(f'Test: cut short by {stop.signal_name} after {metric_logger.acc1.count} images')
+        return None
     if metric_logger.acc1.count == 0:  # --num-eval-steps 0 or an empty split: nothing to report
         return None
     print(f'Test: evaluated {metric_logger.acc1.count} images')
@@ -215,9 +224,10 @@ def build_model(args, num_classes):
         raise UsageError(f'{flag}: {err}') from None
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step=None):
+def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position=None):
     """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth; or, when a run stops
-    mid-epoch (`next_step`), to checkpoint.pth alone with what a resume needs to continue exactly."""
+    mid-epoch (at `position`: samples of the epoch's order trained), to checkpoint.pth alone with what a
+    resume needs to continue exactly."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         checkpoint = checkpoints.stamp({
             'model': model_state,
@@ -227,40 +237,59 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args
             'args': checkpoints.plain_args(args),
         }, args.model, num_classes)
         latest = os.path.join(args.output_dir, 'checkpoint.pth')
-        if next_step is None:
+        if position is None:
             checkpoints.save(checkpoint, os.path.join(args.output_dir, f'model_{epoch}.pth'), latest)
         else:
-            checkpoint.update(next_step=next_step, rng_state=dev.rng_state())
+            checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
             checkpoints.save(checkpoint, latest)
     return latest
 
 
-def prepare_epoch(epoch, first_step, train_sampler, dev, batch_size, seed, rng_state=None):
+def prepare_epoch(epoch, position, train_sampler, dev, batch_size, seed, rng_state=None):
     """Set the data order and random state for an epoch: from its start (re-seeded when `seed` is given,
-    so that a resumed run repeats an uninterrupted one), or from `first_step` after a mid-epoch stop."""
-    train_sampler.set_epoch(epoch)
-    if first_step:
-        print(f'Resuming epoch {epoch} at step {first_step}')
-        train_sampler.skip_next_epoch(first_step * batch_size)
-        dev.set_rng_state(rng_state)
-    elif seed is not None:
-        torch.manual_seed(data.epoch_seed(seed, epoch))
+    so that a resumed run repeats an uninterrupted one), or from `position` (samples of the epoch's order
+    already trained) after a mid-epoch stop. Returns the step the epoch starts at (for the log)."""
+    train_sampler.set_epoch(epoch, position)
+    if not position:
+        if seed is not None:
+            torch.manual_seed(data.epoch_seed(seed, epoch))
+        return 0
+    dev.set_rng_state(rng_state)
+    first_step = position // (batch_size * train_sampler.num_replicas)
+    if data.train_batches(len(train_sampler), batch_size):
+        print(f'Resuming epoch {epoch} at step {first_step} ({position} of its {train_sampler.dataset_len} '
+              'samples trained)')
+    else:
+        print(f'Resuming epoch {epoch} at its end (nothing left to train at --batch-size {batch_size} on '
+              f'{train_sampler.num_replicas} rank(s)): finishing it and going on with epoch {epoch + 1}')
+    return first_step
 
 
 def resume_position(checkpoint):
-    """(epoch, step) to continue from: the next epoch, or the step after a mid-epoch stop."""
-    if checkpoint.get('next_step'):
-        return checkpoint['epoch'], checkpoint['next_step']
+    """(epoch, position) to continue from: the next epoch from its start, or, after a mid-epoch stop, that
+    epoch from `position` samples of its order (checkpoints of the first format stored a step number)."""
+    position = checkpoint.get('epoch_position')
+    if position is None and checkpoint.get('next_step'):
+        saved = checkpoint.get('args') or {}
+        position = checkpoint['next_step'] * saved.get('batch_size', 0) * saved.get('world_size', 1)
+    if position:
+        return checkpoint['epoch'], position
     return checkpoint['epoch'] + 1, 0
 
 
-def stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step=None):
-    if not args.output_dir:
-        print('Stopped by SIGTERM; no --output-dir, so no checkpoint was written')
+def stop_after_signal(stop, save, epoch, position=None, step=None):
+    """Save with `save(position)` (None for a complete epoch) and say where the run stopped and how long it took."""
+    started = time.time()
+    path = save(position)
+    where = f'epoch {epoch} (complete)'
+    if position is not None:
+        seen = f', signal seen at step {stop.seen_at_step}' if stop.seen_at_step is not None else ''
+        where = f'epoch {epoch} after step {step} ({position} samples{seen})'
+    if path is None:
+        print(f'Stopped by {stop.signal_name}; no --output-dir, so no checkpoint was written')
         return
-    path = save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, next_step)
-    where = f'epoch {epoch}' + (f' before step {next_step}' if next_step is not None else ' (complete)')
-    print(f'Stopped by SIGTERM: saved {where} to {path}; continue with --resume {path}')
+    print(f'Stopped by {stop.signal_name}: saved {where} to {path} in {time.time() - started:.1f} s '
+          f'({time.time() - stop.received_at:.1f} s after the signal); continue with --resume {path}')
 
 
 def main(args):
@@ -294,14 +323,14 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, **dev.ddp_kwargs(args.model))
         model_without_ddp = model.module
 
-    resume_step, rng_state = 0, None
+    resume_at, rng_state = 0, None
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
         dev.load_training_state(model_without_ddp, optimizer, checkpoint['model'], checkpoint['optimizer'])
         if lr_scheduler is not None and checkpoint['lr_scheduler'] is not None:
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        args.start_epoch, resume_step = resume_position(checkpoint)
+        args.start_epoch, resume_at = resume_position(checkpoint)
         rng_state = checkpoint.get('rng_state')
 
     if args.test_only:
@@ -309,30 +338,37 @@ def main(args):
         return
 
     print('Start training')
-    stop = utils.GracefulStop()
+    stop = utils.GracefulStop(args.distributed)
+
+    def save(position):
+        if not args.output_dir:
+            return None
+        return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position)
+
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
         if lr_table:
             for group in optimizer.param_groups:
                 group['lr'] = lr_table[epoch]
-        first_step = resume_step if epoch == args.start_epoch else 0
-        prepare_epoch(epoch, first_step, train_sampler, dev, args.batch_size,
-                      args.seed if args.deterministic else None, rng_state)
+        position = resume_at if epoch == args.start_epoch else 0
+        first_step = prepare_epoch(epoch, position, train_sampler, dev, args.batch_size,
+                                   args.seed if args.deterministic else None, rng_state)
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
                                              args, stop, first_step)
         images_trained += images
         if stopped_at is not None:
-            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes,
-                                     next_step=stopped_at)
+            position = train_sampler.position_after(stopped_at - first_step, args.batch_size)
+            if position < train_sampler.dataset_len:  # a stop on the epoch's last step ends the epoch first
+                return stop_after_signal(stop, save, epoch, position, stopped_at - 1)
         if lr_scheduler is not None:
             lr_scheduler.step()
         utils.broadcast_buffers(model_without_ddp)
-        evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
+        evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop)
         if args.output_dir and args.save_checkpoint:
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
-        if stop.should_stop(True, dev.collective_device) and epoch + 1 < args.epochs:
-            return stop_after_signal(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
+        if stop.at_epoch_end() and epoch + 1 < args.epochs:
+            return stop_after_signal(stop, save, epoch)
 
     total_time = time.time() - start_time
     if args.distributed:

@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from cli import ArgumentParser, CleanExit, UsageError, parse_bool, run_cli  # noqa: F401  (re-exported)
+from cli import STOP_SIGNALS, ArgumentParser, CleanExit, UsageError, parse_bool, run_cli  # noqa: F401  (re-exported)
 
 
 class SmoothedValue:
@@ -335,34 +335,71 @@ class ThroughputWindow:
 
 
 class GracefulStop:
-    """SIGTERM, the preemption signal of clusters, asks the run to stop at the next safe point.
+    """A stop signal (cli.STOP_SIGNALS: SIGTERM, SIGUSR1) asks the run to stop after the current step and save.
 
-    A single process stops after the current step. Ranks of a distributed run must stop at the same
-    step, so they agree (one all-reduce) only where the step already waits for the device: at logged
-    steps and at the end of each epoch.
+    A single process stops after the step it is in. Ranks of a distributed run must stop after the same
+    step without a blocking sync per step: after each step a rank starts a non-blocking all-reduce of its
+    stop flag on a small CPU (gloo) group, and reads the result after the next step, long after it
+    arrived. So every rank sees the same answer at the same step, within two steps of the signal, and the
+    device is never synchronised for it. Repeated signals (a scheduler and mpirun both send one) do not
+    cancel the save; SIGINT or SIGKILL stop at once.
     """
 
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, distributed=False, timeout=None):
+        self.signum = 0
+        self.received_at = None
+        self.seen_at_step = None  # the step during which this rank saw the signal
+        self.group = dist.new_group(backend='gloo', timeout=timeout) if distributed else None
+        self.pending = None  # (work, flag tensor) of the all-reduce started after the previous step
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second SIGTERM: stop now, without a checkpoint
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
-        sys.stderr.write('SIGTERM received: stopping at the next safe point and saving a checkpoint '
-                         '(a second SIGTERM stops at once)\n')
+        if self.signum:
+            return
+        self.signum, self.received_at = signum, time.time()
+        sys.stderr.write(f'{self.signal_name} received: stopping after this step (ranks agree within two steps) '
+                         'and saving a checkpoint\n')
 
-    def should_stop(self, at_sync_point, device):
-        if not is_dist_avail_and_initialized():
-            return self.requested
-        if not at_sync_point:
+    @property
+    def signal_name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def after_step(self, step):
+        """Whether the run stops after `step`, the step just done (every rank gets the same answer)."""
+        if self.signum and self.seen_at_step is None:
+            self.seen_at_step = step
+        if self.group is None:
+            return bool(self.signum)
+        if self._collect():
+            return True
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return False
+
+    def at_epoch_end(self):
+        """Whether the run stops here, where it waits anyway: the pending answer, else a blocking one."""
+        if self.group is None:
+            return bool(self.signum)
+        if self._collect():
+            return True
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return self._agree(flag)
+
+    def _collect(self):
+        if self.pending is None:
             return False
-        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.requested = bool(flag.item())
-        return self.requested
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return self._agree(flag)
+
+    def _agree(self, flag):
+        """Adopt the signal another rank received, so every rank reports the same stop."""
+        if flag.item() and not self.signum:
+            self.signum, self.received_at = int(flag.item()), time.time()
+        return bool(flag.item())
 
 
 class NonFiniteLoss(CleanExit):
