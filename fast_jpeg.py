@@ -13,8 +13,9 @@ centre crop) and RandomHorizontalFlip(0.5), drawn from a generator seeded by (se
 index) only, so a run's augmentation does not depend on the number of workers. Validation: resize the
 shorter side to resize_size, centre crop val_crop_size.
 
-Files that are not JPEGs libjpeg-turbo can read (PNG, CMYK JPEGs, ...) are decoded with PIL instead.
-A file that PIL cannot read either raises ImageDecodeError naming the file.
+Files that are not JPEGs libjpeg-turbo can read (PNG, CMYK JPEGs, ...) are decoded with PIL instead,
+as the MP loader decodes them (data.to_rgb). A file that PIL cannot read either raises ImageDecodeError
+naming the file; one over data.MAX_IMAGE_PIXELS raises data.ImageTooLarge from its header, as in MP.
 """
 import ctypes
 import io
@@ -25,7 +26,6 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import BatchSampler, Dataset
 
 import data
@@ -75,9 +75,12 @@ def is_jpeg(encoded):
 
 
 def decode_with_pil(encoded, path):
+    """RGB pixels as the MP loader decodes them (data.open_image's size limit, data.to_rgb)."""
     try:
-        with Image.open(io.BytesIO(encoded)) as img:
-            return np.array(img.convert('RGB'))
+        with data.open_image(io.BytesIO(encoded), path) as img:
+            return np.array(data.to_rgb(img))
+    except data.ImageTooLarge:
+        raise
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... for bad files
         raise ImageDecodeError.for_file(path, f'{type(err).__name__}: {err}') from None
 
@@ -100,6 +103,7 @@ class EncodedImage:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(self.encoded)
         except ValueError:
             return None
+        data.check_image_size(self.path, width, height)
         # libjpeg-turbo's CMYK to RGB conversion rounds differently from PIL's (1 grey level, everywhere)
         return None if colorspace in ('CMYK', 'YCCK') else (height, width)
 

@@ -111,15 +111,17 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
 
 def load_data(traindir, valdir, args):
     print('Loading data')
+    data.check_class_lists(traindir, valdir)
+    cache_dir = data.dataset_cache_dir(args.output_dir) if args.cache_dataset else None
     print('Loading training data')
     st = time.time()
-    dataset = data.image_folder(traindir, data.train_transform(args.train_crop_size), args.cache_dataset,
-                                utils.is_main_process())
+    dataset = data.image_folder(traindir, data.train_transform(args.train_crop_size), cache_dir=cache_dir,
+                                is_main=utils.is_main_process())
     print('Took', time.time() - st)
 
     print('Loading validation data')
     dataset_test = data.image_folder(valdir, data.eval_transform(args.val_resize_size, args.val_crop_size),
-                                     args.cache_dataset, utils.is_main_process())
+                                     labels_from=dataset, cache_dir=cache_dir, is_main=utils.is_main_process())
 
     print('Creating data loaders')
     seeded = args.deterministic and args.dl_worker_type == 'MP'  # FAST seeds each sample itself
