@@ -72,6 +72,22 @@ def run_script(args, timeout=300, cwd=REPO, env=None):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def run_in_process(script_module, argv):
+    """`python <script> argv` run inside the test process, as its `__main__` block runs it (argument
+    parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.
+    The environment is restored afterwards (the device layer sets variables for Habana's bridge)."""
+    import cli
+    environ = dict(os.environ)
+    try:
+        cli.run_cli(script_module.main, script_module.get_args_parser().parse_args(argv))
+        return 0
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 def mpirun_prefix(n):
     """A real OpenMPI launch of n ranks on this machine (oversubscribed: CI has 2 cores)."""
     if shutil.which('mpirun') is None:
