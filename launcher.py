@@ -34,7 +34,7 @@ DEFAULT_MPI_ROOT = '/usr/local/openmpi'  # Habana's container
 # SIGTERM, then SIGKILL, odls_base_sigkill_timeout seconds apart: 1 s by default, too short for a rank to
 # finish its step and save. Launched ranks get this much instead, unless the user set it.
 MPIRUN_KILL_GRACE_VARIABLE = 'OMPI_MCA_odls_base_sigkill_timeout'
-MPIRUN_KILL_GRACE = '10'
+MPIRUN_KILL_GRACE = '5'
 
 # The Habana README spells one flag with a single dash (multinode example vi); read it as meant.
 SINGLE_DASH_SPELLINGS = {'-custom-lr-values': '--custom-lr-values',
