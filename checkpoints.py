@@ -4,13 +4,21 @@ Every checkpoint is a dict of tensors and plain Python values, so `torch.load(pa
 reads it (upstream stores an argparse.Namespace, which weights_only refuses). Besides the trainer's
 own keys it records the model name, the number of classes and a format version, and resuming with a
 different model or class count is refused.
+
+Checkpoints written by the originals are resumed too: torchvision's reference train.py (Habana's
+included; `args` is an argparse.Namespace, allowed for this load only) and pytorch/examples' or Habana's
+GoogLeNet main.py (`arch`, `state_dict`). Their model name and class count are read from `args.model`
+or `arch` and from the classifier's weight, and checked the same way.
 """
+import argparse
 import os
 import pickle
+import re
 import zipfile
 
 import torch
 
+import output_folder
 import utils
 from utils import UsageError
 
@@ -34,21 +42,26 @@ def stamp(checkpoint, model_name, num_classes):
     return checkpoint
 
 
+def prepare_output_dir(folder, writes):
+    """Create, probe and lock --output-dir on the rank that writes, before any work starts
+    (output_folder.claim); `writes` is False for runs that only evaluate."""
+    output_folder.claim(folder, utils.discover_ranks()[0], writes)
+
+
 def save(checkpoint, *paths):
-    """Write on rank 0 only, each file atomically (a kill mid-write leaves the old file intact)."""
+    """Write on rank 0 only, each file atomically (a kill mid-write leaves the old file intact); a failed
+    write ends the run with one line (output_folder.SaveFailed, exit 1)."""
     utils.save_on_master(checkpoint, *paths)
 
 
 def load(path, model_name, num_classes, required_keys, flag='--resume'):
-    """Read and check a checkpoint written by these trainers; any problem is one clear UsageError."""
+    """Read and check a checkpoint written by these trainers or by the originals; any problem is one
+    clear UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: checkpoint '{path}' does not exist")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{flag}: '{path}' is not a readable checkpoint (truncated or not written by "
-                         f'torch.save?): {reason}') from None
+    checkpoint = read(path, flag)
+    if isinstance(checkpoint, dict) and 'format_version' not in checkpoint:
+        checkpoint = from_original(checkpoint, path, required_keys, flag)
     if not isinstance(checkpoint, dict) or 'format_version' not in checkpoint:
         raise UsageError(f"{flag}: '{path}' was not written by these training scripts "
                          '(no format_version); to start from bare weights, load them into the model first')
@@ -66,3 +79,90 @@ def load(path, model_name, num_classes, required_keys, flag='--resume'):
         raise UsageError(f"{flag}: '{path}' was trained on {checkpoint['num_classes']} classes but the "
                          f'dataset has {num_classes}')
     return checkpoint
+
+
+ANSI_ESCAPE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+
+
+def plain_text(err):
+    """The first line of an exception's message, without the terminal colour codes torch puts in."""
+    text = ANSI_ESCAPE.sub('', str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read(path, flag):
+    """torch.load with weights_only, plus argparse.Namespace: the originals store their arguments as one,
+    and it holds nothing but attribute values (which weights_only still restricts)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r'GLOBAL ([\w.]+)', str(err))
+        if unsafe:
+            raise UsageError(f"{flag}: '{path}' holds a Python object of type {unsafe.group(1)}, which is not "
+                             'loaded because loading it could run code from the file; neither these scripts nor '
+                             "torchvision's reference scripts write such objects") from None
+        raise _unreadable(path, flag, err) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise _unreadable(path, flag, err) from None
+
+
+def _unreadable(path, flag, err):
+    return UsageError(f"{flag}: '{path}' is not a readable checkpoint (truncated or not written by "
+                      f'torch.save?): {plain_text(err)}')
+
+
+def from_original(checkpoint, path, required_keys, flag):
+    """A checkpoint of torchvision's reference train.py, or of pytorch/examples' or Habana's main.py, in
+    this trainer's form (identity fields added). Anything else is returned unchanged (and refused)."""
+    if 'model' in checkpoint and 'epoch' in checkpoint:
+        source, state_key = "torchvision's reference train.py", 'model'
+        saved_args = checkpoint.get('args')
+        saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args or {}
+        model_name, optimizer_name = saved_args.get('model'), saved_args.get('opt')
+    elif 'state_dict' in checkpoint and 'arch' in checkpoint:
+        source, state_key, model_name, optimizer_name = 'an ImageNet main.py', 'state_dict', checkpoint['arch'], None
+        checkpoint = dict(checkpoint, state_dict=strip_wrapper_prefix(checkpoint['state_dict']))
+        if 'scheduler' in checkpoint and 'lr_scheduler' not in checkpoint:
+            # pytorch/examples: `scheduler`, and `epoch` is the next epoch to run (Habana's is the last one run)
+            checkpoint['lr_scheduler'] = checkpoint.pop('scheduler')
+            checkpoint['epoch'] -= 1
+    else:
+        return checkpoint
+    missing = [k for k in required_keys if k not in checkpoint]
+    if missing:
+        raise UsageError(f"{flag}: '{path}' was written by {source} and lacks {', '.join(missing)}; train.py resumes "
+                         "torchvision reference checkpoints, main.py those of pytorch/examples' and Habana's main.py")
+    if not isinstance(model_name, str):
+        raise UsageError(f"{flag}: '{path}' was written by {source} but does not name its model (no args.model)")
+    check_resumable_training_state(checkpoint, path, flag, optimizer_name)
+    print(f"{flag}: '{path}' was written by {source}; resuming its model, optimizer and learning-rate schedule")
+    return stamp(checkpoint, model_name, classifier_rows(checkpoint[state_key], path, flag))
+
+
+def strip_wrapper_prefix(state_dict):
+    """pytorch/examples saves the DDP/DataParallel-wrapped model: `module.` in every key."""
+    return {re.sub(r'(^|\.)module\.', r'\1', key): value for key, value in state_dict.items()}
+
+
+def classifier_rows(state_dict, path, flag):
+    """The class count: rows of the last 2-D weight, the final classifier of every torchvision model."""
+    matrices = [v for k, v in state_dict.items() if k.endswith('weight') and getattr(v, 'ndim', 0) == 2]
+    if not matrices:
+        raise UsageError(f"{flag}: '{path}' has no classifier weight, so its class count is unknown")
+    return matrices[-1].shape[0]
+
+
+def check_resumable_training_state(checkpoint, path, flag, optimizer_name):
+    """These trainers use one SGD parameter group and StepLR; newer torchvision references may not."""
+    if optimizer_name is not None and not str(optimizer_name).lower().startswith('sgd'):
+        raise UsageError(f"{flag}: '{path}' was trained with --opt {optimizer_name}; these trainers use SGD, so "
+                         'its optimizer state cannot be resumed')
+    groups = checkpoint['optimizer'].get('param_groups', []) if isinstance(checkpoint.get('optimizer'), dict) else []
+    if len(groups) != 1:
+        raise UsageError(f"{flag}: '{path}' holds an optimizer with {len(groups)} parameter groups (newer torchvision "
+                         'references give norm layers their own weight decay); these trainers use one')
+    schedule = checkpoint.get('lr_scheduler')
+    if schedule is not None and 'step_size' not in schedule:
+        raise UsageError(f"{flag}: '{path}' holds a learning-rate schedule other than StepLR (warm-up, cosine or "
+                         'exponential); these trainers use StepLR, so it cannot be resumed')

@@ -319,8 +319,7 @@ def main(args):
     check_args(args)
     dev = devices.create(TORCH_DEVICE_KIND[args.device], channels_last=True,
                          hmp=classification.hmp_config(args), lazy_mode=args.enable_lazy, index=args.gpu)
-    if args.output_dir:
-        utils.mkdir(args.output_dir)
+    checkpoints.prepare_output_dir(args.output_dir, writes=not args.evaluate)
     utils.init_distributed_mode(args, dev.init_distributed)
     dev.mark_points = devices.EXAMPLES_MARK_POINTS
     print(args)

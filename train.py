@@ -298,8 +298,7 @@ def main(args):
     lr_table = check_args(args)
     dev = devices.create(args.device, channels_last=args.channels_last, hmp=hmp_config(args),
                          lazy_mode=args.run_lazy_mode)
-    if args.output_dir:
-        utils.mkdir(args.output_dir)
+    checkpoints.prepare_output_dir(args.output_dir, writes=not args.test_only)
     utils.init_distributed_mode(args, dev.init_distributed)
     dev.mark_points = devices.reference_mark_points(args.model, args.distributed)
     print(args)

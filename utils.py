@@ -5,7 +5,6 @@ utils so that log lines read the same; the distributed helpers also understand m
 """
 import builtins
 import datetime
-import errno
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
+import output_folder
 from cli import STOP_SIGNALS, ArgumentParser, CleanExit, UsageError, parse_bool, run_cli  # noqa: F401  (re-exported)
 
 
@@ -151,11 +151,8 @@ def accuracy(output, target, topk=(1,)):
 
 
 def mkdir(path):
-    try:
-        os.makedirs(path)
-    except OSError as e:
-        if e.errno != errno.EEXIST:
-            raise
+    """Create `path` (and its parents); a file in the way is a UsageError naming --output-dir."""
+    output_folder.create(path)
 
 
 def setup_for_distributed(is_master):
@@ -241,31 +238,15 @@ def init_distributed_mode(args, backend_for_device):
     setup_for_distributed(args.rank == 0)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written
-    file, and the previous version stays readable until the new one is complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp')  # a killed save's leftover is reused
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def atomic_save(obj, path, what='file'):
+    """torch.save through a unique temporary file and a rename (output_folder.atomic_save)."""
+    output_folder.atomic_save(obj, path, what)
 
 
 def save_on_master(obj, *paths):
     if is_main_process():
         for path in paths:
-            atomic_save(obj, path)
+            atomic_save(obj, path, 'checkpoint')
 
 
 # Habana's convolution kernels want filters-last (RSCK) weights; checkpoints and torchvision use KCRS.

@@ -189,9 +189,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(jpeg_dataset
     out = tmp_path / 'out'
     proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--model', 'resnet101',
                   '--epochs', '3', '--num-train-steps', '1', '--num-eval-steps', '1', '--save-checkpoint'])
-    partial = out / '.checkpoint.pth.tmp'
     deadline = time.time() + 240
-    while not (partial.exists() and (out / 'model_1.pth').exists()):  # epoch 1's checkpoint.pth is being written
+    # epoch 1's checkpoint.pth is being written (to .checkpoint.pth.<pid>.<random>.tmp)
+    while not ((out / 'model_1.pth').exists() and list(out.glob('.checkpoint.pth.*.tmp'))):
         assert proc.poll() is None and time.time() < deadline, 'never saw the second checkpoint being written'
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
