@@ -53,10 +53,19 @@ def claim(folder, rank, writes=True):
         return
     create(folder)
     check_writable(folder)
+    if not _claimed:
+        atexit.register(release_all)
     _claimed[real] = lock_folder(folder)
-    if _claimed[real] is not None:
-        atexit.register(_claimed[real].release)
     remove_leftover_temp_files(folder)
+
+
+def release_all():
+    """Give up every folder this process claimed (at exit; tests that run a trainer in-process call it
+    where the process would have ended)."""
+    for lock in _claimed.values():
+        if lock is not None:
+            lock.release()
+    _claimed.clear()
 
 
 def create(folder):

@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import devices  # noqa: E402
+import output_folder  # noqa: E402
 import sample_data  # noqa: E402
 
 # Small crops keep CPU steps fast; the flags are the upstream (0.12+) names the trainer accepts.
@@ -84,6 +85,7 @@ def run_in_process(script_module, argv):
     except SystemExit as exit_:
         return exit_.code
     finally:
+        output_folder.release_all()  # what the end of the process does
         os.environ.clear()
         os.environ.update(environ)
 
