@@ -7,6 +7,7 @@ import atexit
 import hashlib
 import itertools
 import math
+import multiprocessing.resource_tracker
 import os
 import random
 import signal
@@ -464,6 +465,10 @@ class SignalSafeLoader(DataLoader):
 
     def __iter__(self):
         with stop_signals_blocked():
+            # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (rather than restore
+            # the mask): start it first, then block again for the forkserver and workers.
+            multiprocessing.resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             return super().__iter__()
 
 

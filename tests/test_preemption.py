@@ -174,12 +174,37 @@ def test_sigterm_to_the_process_group_during_validation_saves_the_complete_epoch
     proc = start(['train.py', '--data-path', jpeg_dataset, *REAL, '--dl-worker-type', loader, '--epochs', '3',
                   '--num-train-steps', '2', '--output-dir', str(out)])
     read_until(proc, r'^Test:')
+    helpers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
+    assert len(helpers) >= 4, helpers  # a forkserver (FAST and MP alike), 2 + 2 workers, the resource tracker
+    assert all(deaf_to_stop_signals(pid) for pid in helpers), [status_line(pid, 'Name') for pid in helpers]
     os.killpg(proc.pid, signal.SIGTERM)
     log = finish(proc)
     assert proc.returncode == 0, log[-3000:]
     assert_clean(log)
     assert re.search(r'Stopped by SIGTERM: saved epoch 0 \(complete\) to \S+checkpoint.pth in', log), log[-3000:]
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+def group_members(pgid):
+    members = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if os.getpgid(int(pid)) == pgid:
+                members.append(int(pid))
+        except ProcessLookupError:
+            pass
+    return members
+
+
+def status_line(pid, field):
+    with open(f'/proc/{pid}/status') as f:
+        return next(line.split(':', 1)[1].strip() for line in f if line.startswith(field + ':'))
+
+
+def deaf_to_stop_signals(pid):
+    """Whether the process blocks or ignores every stop signal (so a signal to its group cannot end it)."""
+    deaf = int(status_line(pid, 'SigBlk'), 16) | int(status_line(pid, 'SigIgn'), 16)
+    return all(deaf >> (signum - 1) & 1 for signum in utils.STOP_SIGNALS)
 
 
 def trained_per_rank(log):
