@@ -303,8 +303,10 @@ class EpochBatchSampler:
 
 def batch_loader(dataset, batch_keys, workers, dev):
     """A DataLoader whose every item is one batch already built by a worker (every random draw is
-    seeded per sample, so the workers' own seeds do not matter)."""
+    seeded per sample, so the workers' own seeds do not matter). Its generator is its own, so that starting
+    it never draws from the global RNG (dropout), wherever a run starts or resumes."""
     return data.SignalSafeLoader(dataset, batch_size=None, sampler=batch_keys, pin_memory=dev.pin_memory(),
+                                 generator=torch.Generator().manual_seed(0),
                                  **data.worker_options(workers, dev.worker_start_method))
 
 
