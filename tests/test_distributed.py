@@ -16,11 +16,14 @@ from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, run_script, sc
 
 import devices
 import distributed
+import launcher
 import main as googlenet_trainer
 import train
 from cli import UsageError
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_two_ranks_train_rank_zero_prints_and_evaluation_counts_each_image_once(fresh_dataset, tmp_path):
     data = fresh_dataset(classes=3, train_per_class=8, val_per_class=3)  # 24 train, 9 val: odd over 2 ranks
     result = run_script(mpirun_prefix(2) + [
@@ -117,10 +120,23 @@ def test_a_bad_rank_variable_is_one_line_naming_it():
 
 @pytest.mark.parametrize('parser', [train.get_args_parser(), googlenet_trainer.get_args_parser()],
                          ids=['train.py', 'main.py'])
-def test_both_trainers_take_dist_timeout_with_a_ten_minute_default(parser):
+def test_both_trainers_take_dist_timeout_with_a_ten_minute_default(parser, capsys):
     required = ['--data-path', '/d']
     assert parser.parse_args(required).dist_timeout == 600
     assert parser.parse_args(required + ['--dist-timeout', '15']).dist_timeout == 15
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(required + ['--dist-timeout', '0'])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument --dist-timeout: expected a whole number of seconds of "
+                                            "at least 1, got '0' (see --help)\n")
+
+
+def test_the_demo_wrappers_pass_dist_timeout_on_only_when_given(capsys):
+    import demo_resnet
+    for extra, tail in (([], '--seed=123'), (['--dist-timeout', '30'], '--seed=123 --dist-timeout=30')):
+        launcher.launch_demo(demo_resnet.build_parser(), demo_resnet.trainer_args, 'train.py', False,
+                             ['--world-size', '2', '--device', 'cpu', '--dry-run', *extra])
+        assert capsys.readouterr().out.splitlines()[-1].endswith(' ' + tail)
 
 
 def meeting(rank, store, timeout_s=1):
@@ -182,7 +198,7 @@ def test_the_timeout_report_names_rank_zero_when_its_store_does_not_answer():
 
 # Real processes: a frozen rank, two jobs on one machine, leftover scheduler variables.
 FAULT_RUN = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '2',
-             '--epochs', '50', *TINY_IMAGES]
+             '--epochs', '50']  # plus TINY_IMAGES for train.py (the demo wrappers have no crop-size flags)
 
 
 def launched_ranks(launcher_pid):
@@ -249,7 +265,8 @@ FROZEN_RANK_LINE = (r'^error: rank 1 stopped answering \(last heard 1\d s ago, a
 def test_a_frozen_rank_ends_the_mpirun_job_with_one_line_naming_it(jpeg_dataset, tmp_path):
     """FAST loader here, MP through the demo wrapper below: the timeout is in the collective, not the loader."""
     proc = subprocess.Popen(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
-                                                *FAULT_RUN, '--dl-worker-type', 'FAST', '--dist-timeout', '10'],
+                                                *FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'FAST',
+                                                '--dist-timeout', '10'],
                             cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     rest, waited = freeze_rank_1_and_wait(proc, limit_s=60)
@@ -286,8 +303,9 @@ def without_master_port():
 @pytest.mark.mpi
 def test_two_mpirun_jobs_on_one_machine_without_master_port_both_finish(jpeg_dataset, tmp_path):
     env, prefix = without_master_port()
-    quick = [*FAULT_RUN, '--dl-worker-type', 'MP', '--workers', '1', '--epochs', '1', '--num-train-steps', '3',
-             '--num-eval-steps', '1']
+    # The shortest run that meets (workers 0: the point is the port, not the loader)
+    quick = [*FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'MP', '--workers', '0', '--epochs', '1',
+             '--num-train-steps', '1', '--num-eval-steps', '0']
     jobs = [subprocess.Popen(prefix + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / name),
                                        *quick], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True) for name in ('a', 'b')]
@@ -308,7 +326,7 @@ def test_an_mpirun_job_on_a_taken_master_port_ends_with_one_line_naming_it(jpeg_
         other_job.listen()
         port = other_job.getsockname()[1]
         result = run_script(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
-                                                *FAULT_RUN, '--dl-worker-type', 'MP'],
+                                                *FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'MP'],
                             env=script_env(MASTER_PORT=port), timeout=120)
     assert result.returncode != 0
     assert re.findall(r'^error: .*$', result.stderr, flags=re.M) == [
@@ -327,7 +345,7 @@ def suggested_port(text):
 def test_leftover_slurm_variables_end_the_wait_with_a_line_naming_them(jpeg_dataset, tmp_path):
     started = time.time()
     result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), *FAULT_RUN,
-                         '--dl-worker-type', 'MP', '--dist-timeout', '5'],
+                         *TINY_IMAGES, '--dl-worker-type', 'MP', '--dist-timeout', '5'],
                         env=script_env(SLURM_PROCID='0', SLURM_NTASKS='2'), timeout=60)
     assert result.returncode == 1 and time.time() - started < 30
     assert re.search(r'^\| distributed init \(rank 0, SLURM\): env:// at localhost:(\d+) \(MASTER_PORT: set\); rank and '
