@@ -396,6 +396,11 @@ def is_timeout(err):
     return re.search(r'timed out|timeout', str(err), re.IGNORECASE) is not None
 
 
+def from_collectives(err):
+    """torch.distributed's own errors, and gloo's (plain RuntimeErrors that name their source file)."""
+    return isinstance(err, dist.DistError) or re.search(r'gloo|nccl|hccl|c10d', str(err), re.IGNORECASE)
+
+
 def peer_ended(err):
     """gloo's words for a peer whose process ended, e.g. 'Connection closed by peer [10.0.0.2]:4312'."""
     found = re.search(r'Connection (?:closed|reset) by peer( \S+\d)?', str(err))
@@ -412,7 +417,7 @@ def reporting_stopped_peers(main):
         except RuntimeError as err:  # gloo's errors and torch's DistError family
             if _heartbeat is None:
                 raise
-            if is_timeout(err):
+            if is_timeout(err) and from_collectives(err):
                 raise PeerStopped(_heartbeat.report()) from None
             if peer_ended(err):
                 raise PeerStopped(f'another rank ended ({peer_ended(err)}), so this rank stops too; that '
