@@ -14,6 +14,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -187,10 +188,16 @@ def init_distributed_mode(args, backend_for_device):
     meeting = Meeting(args.rank, args.world_size, args.dist_timeout, args.dist_url,
                       store_address(args.dist_url, os.environ), port_source,
                       variables_read(os.environ) or launcher, launch_command(os.environ))
-    print(f'| distributed init (rank {args.rank}, {launcher}): {meeting.describe()}', flush=True)
+    say(f'| distributed init (rank {args.rank}, {launcher}): {meeting.describe()}')
     meeting.start_process_group(backend)
     setup_for_distributed(args.rank == 0)
     _heartbeat = Heartbeat(args.rank, args.world_size, args.dist_timeout, meeting.store)
+
+
+def say(line):
+    """Print a line with one write, so that mpirun does not interleave it with another rank's."""
+    sys.stdout.write(line + '\n')
+    sys.stdout.flush()
 
 
 def setup_for_distributed(is_master):
@@ -290,7 +297,7 @@ _heartbeat = None
 def progress(epoch, step):
     """Note the training step this rank is at (for the timeout report); cheap, never syncs a device."""
     if _heartbeat is not None:
-        _heartbeat.position = (epoch, step)
+        _heartbeat.record(epoch, step)
 
 
 class Heartbeat:
@@ -302,17 +309,25 @@ class Heartbeat:
 
     def __init__(self, rank, world_size, timeout_s, store):
         self.rank, self.world_size, self.timeout_s, self.store = rank, world_size, timeout_s, store
-        self.position = None
+        self.position = None  # (epoch, step) of the last training step begun
         self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, timeout_s / 10)
+        self.first_step = threading.Event()
         if store:
             threading.Thread(target=self._beat, name='heartbeat', daemon=True).start()
+
+    def record(self, epoch, step):
+        first = self.position is None
+        self.position = (epoch, step)
+        if first:  # beat at once: the start of training is where a rank is most often reported from
+            self.first_step.set()
 
     def _beat(self):
         try:
             client = store_client(self.store, self.timeout_s)
             while True:
                 client.set(self.KEY.format(self.rank), json.dumps({'time': time.time(), 'position': self.position}))
-                time.sleep(self.interval_s)
+                if self.first_step.wait(self.interval_s):
+                    self.first_step.clear()
         except RuntimeError:  # the store is gone (rank 0 ended) or stopped answering: nothing left to tell
             return
 

@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -262,12 +263,27 @@ FROZEN_RANK_LINE = (r'^error: rank 1 stopped answering \(last heard 1\d s ago, a
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_a_frozen_rank_ends_the_mpirun_job_with_one_line_naming_it(jpeg_dataset, tmp_path):
-    """FAST loader only: the timeout is in the collective and the heartbeats in a thread of their own, whatever
-    the loader; MP, and the same run through demo_resnet.py --world-size 2, cost 40 s more each."""
+    """FAST loader here, MP through the demo wrapper below."""
     proc = subprocess.Popen(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
                                                 *FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'FAST',
                                                 '--dist-timeout', '10'],
                             cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    rest, waited = freeze_rank_1_and_wait(proc, limit_s=60)
+    assert proc.returncode != 0 and waited < 30, rest[-3000:]
+    assert re.search(FROZEN_RANK_LINE, rest, flags=re.M), rest[-3000:]
+    assert 'Traceback' not in rest
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_frozen_rank_ends_the_demo_wrapper_run_with_one_line_naming_it(jpeg_dataset, tmp_path):
+    env = script_env()
+    env.pop('MULTI_HLS_IPS', None)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'demo_resnet.py'), '--world-size', '2',
+                             '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), *FAULT_RUN,
+                             '--dl-worker-type', 'MP', '--dist-timeout', '10'],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     rest, waited = freeze_rank_1_and_wait(proc, limit_s=60)
     assert proc.returncode != 0 and waited < 30, rest[-3000:]
