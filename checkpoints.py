@@ -18,6 +18,7 @@ import zipfile
 
 import torch
 
+import distributed
 import output_folder
 import utils
 from utils import UsageError
@@ -45,7 +46,7 @@ def stamp(checkpoint, model_name, num_classes):
 def prepare_output_dir(folder, writes):
     """Create, probe and lock --output-dir on the rank that writes, before any work starts
     (output_folder.claim); `writes` is False for runs that only evaluate."""
-    output_folder.claim(folder, utils.discover_ranks()[0], writes)
+    output_folder.claim(folder, distributed.discover_ranks()[0], writes)
 
 
 def save(checkpoint, *paths):

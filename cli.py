@@ -68,6 +68,14 @@ def parse_bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
 
 
+def whole_seconds(value):
+    """A time limit in whole seconds, at least 1 (--dist-timeout)."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds of at least 1, got '{value}'")
+    return int(text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (plus a pointer to --help) instead of the usage dump."""
 

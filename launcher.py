@@ -296,7 +296,7 @@ def launch_demo(parser, trainer_args, trainer, print_namespace, argv):
     world_size = 8 if args.dist and args.world_size == 1 else args.world_size  # as the originals
     placement = place_ranks(world_size, args.process_per_node, os.environ)
     trainer_command = [sys.executable, os.path.join(HERE, trainer),
-                       *trainer_args(args, placement.process_per_node or None)]
+                       *trainer_args(args, placement.process_per_node or None), *dist_timeout_args(args.dist_timeout)]
     launch = plan_launch(trainer_command, placement, host_topology(os.environ), os.environ)
     if launch.notice:
         print(launch.notice, file=sys.stderr, flush=True)
@@ -338,6 +338,8 @@ def add_launch_flags(parser, world_size, process_per_node, dist_flag, world_size
                              f'{process_per_node or "world size / hosts"})')
     parser.add_argument(dist_flag, dest='dist', action='store_true',
                         help='distribute training: with --world-size 1 this means 8 ranks')
+    parser.add_argument('--dist-timeout', default=None, type=cli.whole_seconds, metavar='SECONDS',
+                        help='passed to the trainer: longest wait for the other ranks (trainer default: 600)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the command and exported variables, start nothing')
 
@@ -405,6 +407,10 @@ def flag_values(args, flags):
 
 def switches(args, flags):
     return [flag for flag in flags if value_of(args, flag)]
+
+
+def dist_timeout_args(seconds):
+    return [] if seconds is None else [f'--dist-timeout={seconds}']
 
 
 def process_per_node_args(process_per_node):

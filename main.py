@@ -20,6 +20,7 @@ from torchvision.models import GoogLeNetOutputs
 
 import checkpoints
 import devices
+import distributed
 import model as models
 import train as classification  # train.py; main.py has a train() of its own
 import utils
@@ -140,6 +141,7 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
     window = PrintWindow()
     nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
     for i, (images, target) in enumerate(train_loader, start=first_step):
+        distributed.progress(epoch, i)
         images, target = dev.to_device(images, target)
         window.data_ready()
         output, loss = classification.train_step(model, functools.partial(training_loss, criterion), optimizer,
@@ -320,7 +322,7 @@ def main(args):
     dev = devices.create(TORCH_DEVICE_KIND[args.device], channels_last=True,
                          hmp=classification.hmp_config(args), lazy_mode=args.enable_lazy, index=args.gpu)
     checkpoints.prepare_output_dir(args.output_dir, writes=not args.evaluate)
-    utils.init_distributed_mode(args, dev.init_distributed)
+    distributed.init_distributed_mode(args, dev.init_distributed)
     dev.mark_points = devices.EXAMPLES_MARK_POINTS
     print(args)
     print('Using', dev.torch_device)
@@ -354,7 +356,7 @@ def main(args):
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
-    stop = utils.GracefulStop(args.distributed)
+    stop = utils.GracefulStop(args.distributed, args.dist_timeout)
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
@@ -408,6 +410,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--distributed', action='store_true',
                         help='parsed for compatibility: distributed mode follows the launcher (mpirun, torchrun)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
+    distributed.add_timeout_flag(parser)
     parser.add_argument('--dl-worker-type', default='MP', type=lambda x: x.upper(),
                         choices=['MP', 'HABANA', 'FAST'],
                         help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
@@ -453,4 +456,4 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, get_args_parser().parse_args())
+    utils.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())

@@ -17,6 +17,7 @@ import torch.nn as nn
 import checkpoints
 import data
 import devices
+import distributed
 import model as models
 import utils
 from utils import UsageError
@@ -53,6 +54,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
     nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
     batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=args.num_train_steps - first_step)
     for step, (image, target) in enumerate(batches, start=first_step):
+        distributed.progress(epoch, step)
         image, target = dev.to_device(image, target)
         throughput.data_ready()
         output, loss = train_step(model, criterion, optimizer, dev, image, target)
@@ -299,7 +301,7 @@ def main(args):
     dev = devices.create(args.device, channels_last=args.channels_last, hmp=hmp_config(args),
                          lazy_mode=args.run_lazy_mode)
     checkpoints.prepare_output_dir(args.output_dir, writes=not args.test_only)
-    utils.init_distributed_mode(args, dev.init_distributed)
+    distributed.init_distributed_mode(args, dev.init_distributed)
     dev.mark_points = devices.reference_mark_points(args.model, args.distributed)
     print(args)
     seed_everything(args.seed, args.deterministic)
@@ -339,7 +341,7 @@ def main(args):
         return
 
     print('Start training')
-    stop = utils.GracefulStop(args.distributed)
+    stop = utils.GracefulStop(args.distributed, args.dist_timeout)
 
     def save(position):
         if not args.output_dir:
@@ -425,6 +427,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--apex-opt-level', default='O1', type=str, help='apex opt level (not used)')
     parser.add_argument('--world-size', default=1, type=int, help='number of distributed processes (set by the launcher)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
+    distributed.add_timeout_flag(parser)
     parser.add_argument('--num-train-steps', type=int, default=sys.maxsize, metavar='T',
                         help='number of training steps per epoch (default: the whole epoch)')
     parser.add_argument('--num-eval-steps', type=int, default=sys.maxsize, metavar='E',
@@ -456,4 +459,4 @@ def add_image_size_args(parser):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, get_args_parser().parse_args())
+    utils.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())

@@ -1,9 +1,8 @@
-"""Helpers shared by the trainers: metrics and log lines, distributed start-up, checkpoint permutation.
+"""Helpers shared by the trainers: metrics and log lines, checkpoint permutation.
 
 SmoothedValue, MetricLogger and accuracy keep the shape of torchvision's references/classification
-utils so that log lines read the same; the distributed helpers also understand mpirun's environment.
+utils so that log lines read the same. Distributed start-up is in distributed.py.
 """
-import builtins
 import datetime
 import os
 import signal
@@ -155,18 +154,6 @@ def mkdir(path):
     output_folder.create(path)
 
 
-def setup_for_distributed(is_master):
-    """Silence print() on every rank but the first, unless a call passes force=True."""
-    builtin_print = builtins.print
-
-    def print(*args, **kwargs):
-        force = kwargs.pop('force', False)
-        if is_master or force:
-            builtin_print(*args, **kwargs)
-
-    builtins.print = print
-
-
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
 
@@ -186,56 +173,6 @@ def is_main_process():
 def barrier():
     if is_dist_avail_and_initialized():
         dist.barrier()
-
-
-# Launchers and the environment variables through which each one tells a process where it stands:
-# (rank, world size, local rank). torchrun first, as upstream; then mpirun flavours and SLURM.
-LAUNCHER_ENVIRONMENTS = (
-    ('torchrun', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK'),
-    ('OpenMPI', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK'),
-    ('MPICH/Intel MPI', 'PMI_RANK', 'PMI_SIZE', 'MPI_LOCALRANKID'),
-    ('SLURM', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'),
-)
-
-
-def discover_ranks(environ=None):
-    """Return (rank, world_size, local_rank, launcher name) from the launcher's environment.
-
-    Falls back to mpi4py when it is installed and no variable is set; (0, 1, 0, None) otherwise.
-    """
-    environ = os.environ if environ is None else environ
-    for name, rank_var, size_var, local_var in LAUNCHER_ENVIRONMENTS:
-        if rank_var in environ and size_var in environ:
-            rank, size = int(environ[rank_var]), int(environ[size_var])
-            local = int(environ.get(local_var, rank))
-            return rank, size, local, name
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return 0, 1, 0, None
-    comm = MPI.COMM_WORLD
-    return comm.Get_rank(), comm.Get_size(), comm.Get_rank(), 'mpi4py'
-
-
-def init_distributed_mode(args, backend_for_device):
-    """Fill args.rank/world_size/local_rank/distributed and start the process group when world size > 1.
-
-    `backend_for_device` is the device layer's hook that names (and prepares) the collective backend.
-    """
-    args.rank, args.world_size, args.local_rank, launcher = discover_ranks()
-    args.gpu = args.local_rank
-    if args.world_size <= 1:
-        print('Not using distributed mode')
-        args.distributed = False
-        return
-    args.distributed = True
-    os.environ.setdefault('MASTER_ADDR', 'localhost')
-    os.environ.setdefault('MASTER_PORT', '12355')
-    backend = backend_for_device(args)
-    print(f'| distributed init (rank {args.rank}, {launcher}): {args.dist_url}', flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank)
-    setup_for_distributed(args.rank == 0)
 
 
 def atomic_save(obj, path, what='file'):
@@ -326,11 +263,14 @@ class GracefulStop:
     cancel the save; SIGINT or SIGKILL stop at once.
     """
 
-    def __init__(self, distributed=False, timeout=None):
+    def __init__(self, distributed=False, timeout_s=None):
         self.signum = 0
         self.received_at = None
         self.seen_at_step = None  # the step during which this rank saw the signal
-        self.group = dist.new_group(backend='gloo', timeout=timeout) if distributed else None
+        self.group = None
+        if distributed:  # bounded like every other wait for the ranks (--dist-timeout)
+            timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+            self.group = dist.new_group(backend='gloo', timeout=timeout)
         self.pending = None  # (work, flag tensor) of the all-reduce started after the previous step
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)

@@ -1,14 +1,29 @@
-"""train.py under a real `mpirun -np 2` (OpenMPI), gloo on CPU."""
+"""train.py under a real `mpirun -np 2` (OpenMPI), gloo on CPU; distributed start-up and its failures."""
+import datetime
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
+import torch.distributed as dist
 
-from conftest import TINY_IMAGES, mpirun_prefix, run_script
+from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, run_script, script_env
 
 import devices
-import utils
+import distributed
+import launcher
+import main as googlenet_trainer
+import train
+from cli import UsageError
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_two_ranks_train_rank_zero_prints_and_evaluation_counts_each_image_once(fresh_dataset, tmp_path):
     data = fresh_dataset(classes=3, train_per_class=8, val_per_class=3)  # 24 train, 9 val: odd over 2 ranks
     result = run_script(mpirun_prefix(2) + [
@@ -38,11 +53,11 @@ def test_two_ranks_train_rank_zero_prints_and_evaluation_counts_each_image_once(
      (1, 2, 1, 'torchrun')),
 ])
 def test_rank_world_size_and_local_rank_come_from_each_launcher(environ, expected):
-    assert utils.discover_ranks(environ) == expected
+    assert distributed.discover_ranks(environ) == expected
 
 
 def test_a_plain_process_is_rank_zero_of_one():
-    rank, size, local, launcher = utils.discover_ranks({})
+    rank, size, local, launcher = distributed.discover_ranks({})
     assert (rank, size, local) == (0, 1, 0)
 
 
@@ -52,3 +67,292 @@ def test_ddp_buckets_are_the_sizes_the_original_meant(model_name, bucket_mb):
     kwargs = devices.create('cpu').ddp_kwargs(model_name)
     assert kwargs['bucket_cap_mb'] == bucket_mb
     assert kwargs.get('forward_sync_buffers', kwargs.get('broadcast_buffers')) is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up: which variables were read, where the ranks meet, how long they wait (README: Guarantees)
+
+def test_the_variables_line_names_the_launcher_variables_that_were_read():
+    environ = {'SLURM_PROCID': '0', 'SLURM_NTASKS': '2', 'SLURM_JOB_ID': '77', 'HOME': '/root'}
+    assert distributed.variables_read(environ) == 'SLURM_PROCID=0 SLURM_NTASKS=2'
+    assert distributed.variables_read({'OMPI_COMM_WORLD_RANK': '1', 'OMPI_COMM_WORLD_SIZE': '2',
+                                       'OMPI_COMM_WORLD_LOCAL_RANK': '1'}) == (
+        'OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 OMPI_COMM_WORLD_LOCAL_RANK=1')
+    assert distributed.variables_read({'HOME': '/root'}) == ''
+
+
+def ompi_ranks(job_id):
+    """What OpenMPI 4.1 gives each rank of one mpirun job (both variables carry the job id)."""
+    return [{'OMPI_COMM_WORLD_RANK': str(rank), 'OMPI_COMM_WORLD_SIZE': '2', 'PMIX_NAMESPACE': job_id,
+             'OMPI_MCA_ess_base_jobid': job_id} for rank in (0, 1)]
+
+
+def test_without_master_port_the_ranks_of_a_job_agree_on_a_port_that_differs_between_jobs():
+    job_a, job_b = ompi_ranks('2067267585'), ompi_ranks('1961689089')
+    port_a = {distributed.meeting_point(environ)[1] for environ in job_a}
+    port_b = {distributed.meeting_point(environ)[1] for environ in job_b}
+    assert len(port_a) == len(port_b) == 1 and port_a != port_b
+    assert all(port in distributed.JOB_PORTS for port in port_a | port_b)  # 20000-29999, below ephemeral ports
+    assert distributed.meeting_point(job_a[0]) == ('localhost', port_a.pop(), 'derived from PMIX_NAMESPACE=2067267585')
+    slurm_step = {'SLURM_PROCID': '0', 'SLURM_NTASKS': '2', 'SLURM_JOB_ID': '77', 'SLURM_STEP_ID': '3'}
+    assert distributed.meeting_point(slurm_step)[2] == 'derived from SLURM_JOB_ID=77 SLURM_STEP_ID=3'
+
+
+def test_a_set_master_port_wins_and_without_any_job_id_the_port_is_12355():
+    assert distributed.meeting_point({**ompi_ranks('5')[0], 'MASTER_PORT': '29501', 'MASTER_ADDR': 'n1'}) == (
+        'n1', 29501, 'set')
+    assert distributed.meeting_point({'RANK': '0', 'WORLD_SIZE': '2'}) == ('localhost', 12355, 'default')
+
+
+@pytest.mark.parametrize('environ, message', [
+    ({'MASTER_PORT': 'http'}, "MASTER_PORT: expected a port number from 1 to 65535, got 'http'"),
+    ({'MASTER_PORT': '70000'}, "MASTER_PORT: expected a port number from 1 to 65535, got '70000'"),
+])
+def test_a_bad_master_port_is_one_line_naming_it(environ, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        distributed.meeting_point(environ)
+
+
+def test_a_bad_rank_variable_is_one_line_naming_it():
+    with pytest.raises(UsageError, match="SLURM_PROCID: expected a whole number, got 'x'"):
+        distributed.discover_ranks({'SLURM_PROCID': 'x', 'SLURM_NTASKS': '2'})
+
+
+@pytest.mark.parametrize('parser', [train.get_args_parser(), googlenet_trainer.get_args_parser()],
+                         ids=['train.py', 'main.py'])
+def test_both_trainers_take_dist_timeout_with_a_ten_minute_default(parser, capsys):
+    required = ['--data-path', '/d']
+    assert parser.parse_args(required).dist_timeout == 600
+    assert parser.parse_args(required + ['--dist-timeout', '15']).dist_timeout == 15
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(required + ['--dist-timeout', '0'])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument --dist-timeout: expected a whole number of seconds of "
+                                            "at least 1, got '0' (see --help)\n")
+
+
+def test_the_demo_wrappers_pass_dist_timeout_on_only_when_given(capsys):
+    import demo_resnet
+    for extra, tail in (([], '--seed=123'), (['--dist-timeout', '30'], '--seed=123 --dist-timeout=30')):
+        launcher.launch_demo(demo_resnet.build_parser(), demo_resnet.trainer_args, 'train.py', False,
+                             ['--world-size', '2', '--device', 'cpu', '--dry-run', *extra])
+        assert capsys.readouterr().out.splitlines()[-1].endswith(' ' + tail)
+
+
+def meeting(rank, store, timeout_s=1):
+    return distributed.Meeting(rank, 2, timeout_s, 'env://', store, 'set', 'SLURM_PROCID=%d SLURM_NTASKS=2' % rank,
+                               'srun')
+
+
+def test_a_taken_port_is_one_line_naming_master_port(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(('', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv('MASTER_ADDR', 'localhost')  # env:// reads them
+        monkeypatch.setenv('MASTER_PORT', str(port))
+        with pytest.raises(distributed.RendezvousFailed) as failed:
+            meeting(0, ('localhost', port)).start_process_group('gloo')
+    assert re.fullmatch(rf'MASTER_PORT={port}: the port is already in use on this machine \(another job\?\); set '
+                        r'MASTER_PORT to a free one, e\.g\. MASTER_PORT=2\d{4} \(with mpirun, also pass -x MASTER_PORT\)',
+                        str(failed.value)), failed.value
+
+
+def test_a_rank_whose_rank_zero_never_comes_stops_after_the_timeout_naming_its_variables():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(distributed.RendezvousFailed) as failed:
+        meeting(1, ('localhost', port)).start_process_group('gloo')
+    assert time.monotonic() - started < 5
+    assert str(failed.value) == (
+        f"SLURM_PROCID=1 SLURM_NTASKS=2: these variables make this process rank 1 of 2, but after 1 s "
+        f"(--dist-timeout) nothing answered at localhost:{port} (rank 0's rendezvous). If this process is not one "
+        "of a job's ranks (e.g. a shell inside an allocation), unset SLURM_PROCID SLURM_NTASKS; otherwise start "
+        "all 2 ranks together with srun")
+
+
+def test_the_timeout_report_names_the_rank_whose_heartbeats_stopped_and_where_it_was():
+    port = free_port()
+    store = dist.TCPStore('localhost', port, 3, True, datetime.timedelta(seconds=10), wait_for_workers=False)
+    store.set('heartbeat/1', json.dumps({'time': time.time() - 40, 'position': [2, 17]}))  # stopped 40 s ago
+    store.set('heartbeat/2', json.dumps({'time': time.time() - 1, 'position': [2, 18]}))   # waits, still beating
+    beating = distributed.Heartbeat(0, 3, 30, ('localhost', port))  # this rank: its own thread beats
+    assert beating.report() == ('rank 1 stopped answering (last heard 40 s ago, at epoch 2 step 17); '
+                                'the process group timed out after --dist-timeout 30 s')
+    store.set('heartbeat/1', json.dumps({'time': time.time(), 'position': [2, 18]}))
+    assert beating.report().startswith('every rank still sends heartbeats, but a collective waited in vain')
+
+
+def test_the_timeout_report_names_rank_zero_when_its_store_does_not_answer():
+    with socket.socket() as frozen:  # accepts connections (the kernel does) but never answers, as a stopped rank 0
+        frozen.bind(('', 0))
+        frozen.listen()
+        os.dup(frozen.fileno())  # left open until this process ends: the abandoned reader waits quietly till then
+        address = ('localhost', frozen.getsockname()[1])
+        started = time.monotonic()
+        report = distributed.timeout_report(1, 2, 30, address, answer_wait_s=1)
+    assert time.monotonic() - started < 3
+    assert report == (f'rank 0 stopped answering (its rendezvous store at localhost:{address[1]} did not answer '
+                      'within 1 s either); the process group timed out after --dist-timeout 30 s')
+
+
+# Real processes: a frozen rank, two jobs on one machine, leftover scheduler variables.
+FAULT_RUN = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '2',
+             '--epochs', '50']  # plus TINY_IMAGES for train.py (the demo wrappers have no crop-size flags)
+
+
+def launched_ranks(launcher_pid):
+    """{OMPI rank: pid} of the train.py ranks that descend from launcher_pid."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if b'train.py' not in f.read():
+                    continue
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+        except OSError:
+            continue
+        if b'OMPI_COMM_WORLD_RANK' in env and descends_from(int(pid), launcher_pid):
+            ranks[int(env[b'OMPI_COMM_WORLD_RANK'])] = int(pid)
+    return ranks
+
+
+def descends_from(pid, ancestor):
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                pid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def read_until(proc, pattern, timeout=180):
+    deadline, seen = time.time() + timeout, []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+        assert time.time() < deadline, ''.join(seen[-30:])
+    raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
+
+
+def freeze_rank_1_and_wait(proc, limit_s):
+    """SIGSTOP rank 1 once training runs; return (output after that, seconds until the job ended)."""
+    read_until(proc, r'^Epoch: \[0\]  \[2/')
+    ranks = launched_ranks(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        rest = proc.communicate(timeout=limit_s)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(ranks[1], signal.SIGKILL)
+        pytest.fail(f'the job was still running {limit_s} s after rank 1 froze')
+    return rest, time.time() - stopped
+
+
+FROZEN_RANK_LINE = (r'^error: rank 1 stopped answering \(last heard 1\d s ago, at epoch 0 step \d\); '
+                    r'the process group timed out after --dist-timeout 10 s$')
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_frozen_rank_ends_the_mpirun_job_with_one_line_naming_it(jpeg_dataset, tmp_path):
+    """FAST loader here, MP through the demo wrapper below."""
+    proc = subprocess.Popen(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
+                                                *FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'FAST',
+                                                '--dist-timeout', '10'],
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    rest, waited = freeze_rank_1_and_wait(proc, limit_s=60)
+    assert proc.returncode != 0 and waited < 30, rest[-3000:]
+    assert re.search(FROZEN_RANK_LINE, rest, flags=re.M), rest[-3000:]
+    assert 'Traceback' not in rest
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_frozen_rank_ends_the_demo_wrapper_run_with_one_line_naming_it(jpeg_dataset, tmp_path):
+    env = script_env()
+    env.pop('MULTI_HLS_IPS', None)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'demo_resnet.py'), '--world-size', '2',
+                             '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), *FAULT_RUN,
+                             '--dl-worker-type', 'MP', '--dist-timeout', '10'],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    rest, waited = freeze_rank_1_and_wait(proc, limit_s=60)
+    assert proc.returncode != 0 and waited < 30, rest[-3000:]
+    assert re.search(FROZEN_RANK_LINE, rest, flags=re.M), rest[-3000:]
+    assert 'Traceback' not in rest
+
+
+def without_master_port():
+    env = script_env()
+    del env['MASTER_PORT']
+    prefix = mpirun_prefix(2)
+    at = prefix.index('MASTER_PORT')
+    return env, prefix[:at - 1] + prefix[at + 1:]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_two_mpirun_jobs_on_one_machine_without_master_port_both_finish(jpeg_dataset, tmp_path):
+    env, prefix = without_master_port()
+    # The shortest run that meets (workers 0: the point is the port, not the loader)
+    quick = [*FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'MP', '--workers', '0', '--epochs', '1',
+             '--num-train-steps', '1', '--num-eval-steps', '0']
+    jobs = [subprocess.Popen(prefix + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / name),
+                                       *quick], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True) for name in ('a', 'b')]
+    results = [job.communicate(timeout=240) for job in jobs]
+    ports = set()
+    for job, (out, err) in zip(jobs, results):
+        assert job.returncode == 0, out[-2000:] + err[-3000:]
+        ports |= set(re.findall(r'^\| distributed init \(rank \d, OpenMPI\): env:// at localhost:(\d+) '
+                                r'\(MASTER_PORT: derived from PMIX_NAMESPACE=\d+\)', out, flags=re.M))
+    assert len(ports) == 2, ports  # one port per job, the same on both of its ranks
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_an_mpirun_job_on_a_taken_master_port_ends_with_one_line_naming_it(jpeg_dataset, tmp_path):
+    with socket.socket() as other_job:
+        other_job.bind(('', 0))
+        other_job.listen()
+        port = other_job.getsockname()[1]
+        result = run_script(mpirun_prefix(2) + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path),
+                                                *FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'MP'],
+                            env=script_env(MASTER_PORT=port), timeout=120)
+    assert result.returncode != 0
+    assert re.findall(r'^error: .*$', result.stderr, flags=re.M) == [
+        f'error: MASTER_PORT={port}: the port is already in use on this machine (another job?); set MASTER_PORT to '
+        f'a free one, e.g. MASTER_PORT={suggested_port(result.stderr)} (with mpirun, also pass -x MASTER_PORT)'
+    ], result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+
+
+def suggested_port(text):
+    found = re.search(r'e\.g\. MASTER_PORT=(\d+)', text)
+    return found.group(1) if found else None
+
+
+@pytest.mark.slow
+def test_leftover_slurm_variables_end_the_wait_with_a_line_naming_them(jpeg_dataset, tmp_path):
+    started = time.time()
+    result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), *FAULT_RUN,
+                         *TINY_IMAGES, '--dl-worker-type', 'MP', '--dist-timeout', '5'],
+                        env=script_env(SLURM_PROCID='0', SLURM_NTASKS='2'), timeout=60)
+    assert result.returncode == 1 and time.time() - started < 30
+    assert re.search(r'^\| distributed init \(rank 0, SLURM\): env:// at localhost:(\d+) \(MASTER_PORT: set\); rank and '
+                     r'world size from SLURM_PROCID=0 SLURM_NTASKS=2; waits up to --dist-timeout 5 s$',
+                     result.stdout, flags=re.M), result.stdout[-2000:]
+    assert re.fullmatch(
+        r'error: SLURM_PROCID=0 SLURM_NTASKS=2: these variables make this process rank 0 of 2, but after 5 s '
+        r'\(--dist-timeout\) only 1 of 2 ranks joined at localhost:\d+\. If this process is not one of a job\'s ranks '
+        r'\(e\.g\. a shell inside an allocation\), unset SLURM_PROCID SLURM_NTASKS; otherwise start all 2 ranks '
+        r'together with srun\n', result.stderr), result.stderr[-3000:]
