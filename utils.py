@@ -4,7 +4,6 @@ SmoothedValue, MetricLogger and accuracy keep the shape of torchvision's referen
 utils so that log lines read the same. Distributed start-up is in distributed.py.
 """
 import datetime
-import os
 import signal
 import sys
 import time

@@ -1,11 +1,13 @@
 """Shared fixtures: real JPEG folders written by sample_data.py, and helpers that run the scripts
 as a user would (subprocesses, real mpirun)."""
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,6 +73,25 @@ def run_script(args, timeout=300, cwd=REPO, env=None):
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def start_process(args, **env):
+    """Start `python <args>` (or a full command when args[0] is not a .py file) in a session of its own, as a
+    batch system starts a job (its process group is its pid), with stdout and stderr merged into one pipe."""
+    cmd = [sys.executable] + list(args) if str(args[0]).endswith('.py') else list(args)
+    return subprocess.Popen(cmd, cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def read_until(proc, pattern, timeout=240):
+    """Read a started process's output until a line matches `pattern`; return what was read."""
+    deadline, seen = time.time() + timeout, []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return ''.join(seen)
+        assert time.time() < deadline, ''.join(seen[-30:])
+    raise AssertionError(f'process ended before {pattern}:\n' + ''.join(seen[-40:]))
 
 
 def run_in_process(script_module, argv):

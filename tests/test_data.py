@@ -1,7 +1,6 @@
 """The data set-up on real folders a test writes and then changes or damages: train/val class lists,
 the --cache-dataset file list, and the image policy both loaders share (size limit, 16-bit PNGs)."""
 import os
-import re
 import shutil
 import struct
 import zlib

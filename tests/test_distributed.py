@@ -12,7 +12,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, run_script, script_env
+from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, read_until, run_script, script_env
 
 import devices
 import distributed
@@ -228,16 +228,6 @@ def descends_from(pid, ancestor):
         except OSError:
             return False
     return False
-
-
-def read_until(proc, pattern, timeout=180):
-    deadline, seen = time.time() + timeout, []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return
-        assert time.time() < deadline, ''.join(seen[-30:])
-    raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
 
 
 def freeze_rank_1_and_wait(proc, limit_s):

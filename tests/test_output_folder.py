@@ -7,7 +7,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
+from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_script, start_process
 
 import checkpoints
 import main
@@ -172,28 +171,13 @@ def test_claiming_a_folder_removes_only_the_temporary_files_of_interrupted_saves
     assert not (tmp_path / 'rank1').exists()
 
 
-def start_trainer(args, **env):
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def read_until(proc, pattern, timeout=120):
-    deadline, seen = time.time() + timeout, []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return ''.join(seen)
-        assert time.time() < deadline, ''.join(seen[-30:])
-    raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('loader', ['MP', 'FAST'])
 def test_a_second_run_on_the_same_output_dir_is_refused_and_kill_9_frees_the_folder(jpeg_dataset, tmp_path, loader):
     out = tmp_path / 'out'
     common = ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--workers', '2',
               '--dl-worker-type', loader, '--save-checkpoint']
-    first = start_trainer([*common, '--epochs', '50'])
+    first = start_process([*common, '--epochs', '50'])
     try:
         read_until(first, r'^Epoch: \[0\]  \[ ?0/')
         second = run_script([*common, '--epochs', '1'], timeout=60)
@@ -251,8 +235,10 @@ def test_a_failed_save_on_rank_0_ends_a_two_rank_job(jpeg_dataset, tmpfs, launch
     result = run_script(command, timeout=240)
     assert result.returncode != 0, result.stdout[-1500:] + result.stderr[-1500:]
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-    assert errors == [f'error: could not save {disk}/model_0.pth: [Errno 28] No space left on device (ENOSPC); '
-                      'the previous checkpoint is unchanged'], result.stderr[-3000:]
+    assert errors[0] == (f'error: could not save {disk}/model_0.pth: [Errno 28] No space left on device (ENOSPC); '
+                         'the previous checkpoint is unchanged'), result.stderr[-3000:]
+    assert all(line.startswith('error: another rank ended') for line in errors[1:]), errors  # rank 1, if in time
+    assert 'Traceback' not in result.stderr
     assert 'Epoch: [1]' not in result.stdout and time.time() - started < 200
     assert os.listdir(disk) == []
 

@@ -5,13 +5,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
+from conftest import REPO, TINY_IMAGES, mpirun_prefix, read_until, run_script, script_env, start_process
 
 import data
 import train
@@ -104,23 +102,6 @@ def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_repeats
 
 # --- real runs (subprocesses) ---------------------------------------------------------------------
 
-def start(command, **env):
-    """A process in a session of its own, as a batch system starts a job (its process group = its pid)."""
-    command = [sys.executable] + command if command[0].endswith('.py') else command
-    return subprocess.Popen(command, cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def read_until(proc, pattern, timeout=240):
-    deadline, seen = time.time() + timeout, []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return ''.join(seen)
-        assert time.time() < deadline, ''.join(seen[-30:])
-    raise AssertionError(f'process ended before {pattern}:\n' + ''.join(seen[-40:]))
-
-
 def finish(proc, timeout=180):
     try:
         rest = proc.communicate(timeout=timeout)[0]
@@ -147,7 +128,7 @@ def test_sigterm_to_the_process_group_mid_epoch_saves_at_once_and_the_resume_end
     straight = run_script(['train.py', *common, '--output-dir', str(tmp_path / 'straight')])
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
 
-    proc = start(['train.py', *common, '--output-dir', str(tmp_path / 'cut')])
+    proc = start_process(['train.py', *common, '--output-dir', str(tmp_path / 'cut')])
     read_until(proc, r'^Epoch: \[0\]  \[ 5/12\]')
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer, its forkserver and loader workers, as clusters do
     log = finish(proc)
@@ -171,7 +152,7 @@ def test_sigterm_to_the_process_group_mid_epoch_saves_at_once_and_the_resume_end
 def test_sigterm_to_the_process_group_during_validation_saves_the_complete_epoch(jpeg_dataset, tmp_path, loader):
     """The original bug: the loader's forkserver died of the group's SIGTERM and took the workers with it."""
     out = tmp_path / 'out'
-    proc = start(['train.py', '--data-path', jpeg_dataset, *REAL, '--dl-worker-type', loader, '--epochs', '3',
+    proc = start_process(['train.py', '--data-path', jpeg_dataset, *REAL, '--dl-worker-type', loader, '--epochs', '3',
                   '--num-train-steps', '2', '--output-dir', str(out)])
     read_until(proc, r'^Test:')
     helpers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
@@ -216,7 +197,7 @@ def trained_per_rank(log):
 def test_sigterm_to_the_demo_wrappers_group_on_two_ranks_saves_and_one_rank_resumes_with_another_batch_size(
         jpeg_dataset, tmp_path):
     out = tmp_path / 'out'
-    proc = start(['demo_resnet.py', '--world-size', '2', '--device', 'cpu', '--model', 'resnet18', '--batch-size', '4',
+    proc = start_process(['demo_resnet.py', '--world-size', '2', '--device', 'cpu', '--model', 'resnet18', '--batch-size', '4',
                   '--workers', '2', '--print-freq', '5', '--dl-worker-type', 'FAST', '--epochs', '2',
                   '--num-eval-steps', '1', '--deterministic', '--data-path', jpeg_dataset, '--output-dir', str(out)])
     read_until(proc, r'^Epoch: \[1\]  \[0/6\]')

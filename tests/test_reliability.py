@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_in_process, run_script, script_env
+from conftest import (REPO, TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, script_env,
+                      start_process)
 
 import train
 
@@ -170,26 +171,11 @@ def run_to_end(data, out, *extra):
     return result.stdout
 
 
-def start(args, **env):
-    return subprocess.Popen([sys.executable] + args, cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def read_until(proc, pattern, timeout=180):
-    deadline, seen = time.time() + timeout, []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return ''.join(seen)
-        assert time.time() < deadline, ''.join(seen[-30:])
-    raise AssertionError('process ended before ' + pattern + ':\n' + ''.join(seen[-30:]))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('loader', ['MP', 'FAST'])
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(jpeg_dataset, tmp_path, loader):
     out = tmp_path / 'out'
-    proc = start(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--model', 'resnet101',
+    proc = start_process(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--model', 'resnet101',
                   '--workers', '2', '--print-freq', '2', '--dl-worker-type', loader,
                   '--epochs', '3', '--num-train-steps', '2', '--num-eval-steps', '1', '--save-checkpoint'])
     deadline = time.time() + 240
@@ -306,7 +292,7 @@ def test_googlenet_trainer_sigterm_and_resume_end_with_the_same_weights(jpeg_dat
     straight = run_script(['main.py', *common, '--output-dir', str(tmp_path / 'straight')])
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    proc = start(['main.py', *common, '--output-dir', str(tmp_path / 'cut')])
+    proc = start_process(['main.py', *common, '--output-dir', str(tmp_path / 'cut')])
     read_until(proc, r'^Epoch: \[1\]\[ ?5/12\]')
     os.killpg(proc.pid, signal.SIGTERM)  # trainer, forkserver and loader workers
     rest = proc.communicate(timeout=120)[0]
