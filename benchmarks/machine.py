@@ -1,7 +1,11 @@
 """One line naming the machine a benchmark ran on, for benchmarks/RESULTS.md."""
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mixed_precision  # noqa: E402
 
 
 def cpu_model():
@@ -13,6 +17,21 @@ def cpu_model():
     except OSError:
         pass
     return 'unknown CPU'
+
+
+def cpu_capability():
+    """The CPU facts that decide CPU training speed: model, torch's vector ISA, native (and fast) bf16."""
+    support = mixed_precision.cpu_bf16_support()
+    fast = 'yes' if support.fast else f'no ({support.lacks})'
+    return (f"CPU: {cpu_model()}; {support.description}; native bf16: {'yes' if support.native else 'no'}; "
+            f'fast bf16 in torch: {fast}')
+
+
+def cpu_capability_tag():
+    """The same facts, short enough to end every result row."""
+    support = mixed_precision.cpu_bf16_support()
+    return (f"[{cpu_model()}, {mixed_precision.torch_cpu_capability()}, native bf16 "
+            f"{'yes' if support.native else 'no'}{'' if support.fast else ', bf16 slow'}]")
 
 
 def describe(device='cpu'):
