@@ -89,8 +89,9 @@ class CPUDevice:
         return precision
 
     def _warn_if_bf16_is_slow(self):
-        """Where torch has no fast bf16 kernels for this CPU, --hmp makes a step several times slower: say so
-        and go on (the user asked for bf16; it is slow, not wrong). Once per host: ranks are not known yet."""
+        """Without native bf16, --hmp makes a CPU step slower than fp32 (without oneDNN bf16 kernels several
+        times): say so and go on, as the user asked for bf16 and it is slow, not wrong. Once per host: ranks
+        are not known yet."""
         import mixed_precision
         warning = mixed_precision.slow_bf16_warning(mixed_precision.cpu_bf16_support())
         if warning and utils.discover_ranks()[2] == 0:

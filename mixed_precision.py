@@ -5,8 +5,9 @@ fp32 list run in float32; any other op runs in the dtype of its inputs. Here a T
 the same above autograd: it casts the floating-point inputs of listed ops, so backward flows through
 ordinary cast nodes and gradients reach the fp32 weights in fp32.
 
-On a CPU with neither AVX-512 nor bf16 instructions those casts make training several times slower than
-fp32: `cpu_bf16_support()` tells how this CPU runs bf16, and the CPU device warns when bf16 will be slow.
+On a CPU without bf16 instructions those casts make training slower than fp32, and several times slower
+where torch has no oneDNN bf16 kernels at all (no AVX-512 either): `cpu_bf16_support()` tells how this
+CPU runs bf16, and the CPU device warns when it is not native.
 """
 import os
 import platform
@@ -87,10 +88,10 @@ ONEDNN_ISAS_WITHOUT_BF16 = {'SSE41', 'AVX', 'AVX2', 'AVX2_VNNI', 'AVX512_CORE', 
 
 @dataclass(frozen=True)
 class CpuBf16Support:
-    native: bool       # the CPU has bf16 instructions (and ONEDNN_MAX_CPU_ISA lets oneDNN use them)
-    fast: bool         # torch runs bf16 convolutions and matmuls in oneDNN (with bf16 instructions, or
-                       # on AVX-512 by widening to fp32); otherwise in a reference loop, several times slower
-    lacks: str         # why bf16 is not fast here ('' when it is)
+    native: bool       # torch's oneDNN computes bf16 with the CPU's bf16 instructions
+    fast: bool         # torch runs bf16 convolutions and matmuls in oneDNN at all (natively, or on AVX-512
+                       # by widening to fp32); otherwise in its reference kernel, many times slower
+    lacks: str         # what is missing for native bf16 ('' when native)
     description: str   # the facts it was decided from
 
 
@@ -138,14 +139,17 @@ def decide_bf16_support(flags, family, onednn, capability, isa_cap=''):
     """flags: the CPU's feature flags (None: unknown); onednn: torch's oneDNN bf16 test."""
     present = [f for f in BF16_FLAGS.get(family, ()) if f in flags] if flags is not None else None
     capped = isa_cap.upper() in ONEDNN_ISAS_WITHOUT_BF16
-    native = (bool(present) if present is not None else onednn) and not capped
-    if onednn:
+    native = onednn and not capped and (bool(present) if present is not None else True)
+    if native:
         lacks = ''
     elif present and capped:
-        lacks = 'ONEDNN_MAX_CPU_ISA keeps oneDNN off its bf16 kernels'
+        lacks = 'ONEDNN_MAX_CPU_ISA keeps oneDNN off its bf16 instructions'
+    elif present:
+        lacks = "torch's oneDNN has no bf16 kernels for it"
+    elif family == 'x86':
+        lacks = 'no ' + ('' if onednn else 'AVX-512, ') + 'AVX-512 BF16, AMX or AVX-NE-CONVERT'
     else:
-        lacks = {'x86': 'no AVX-512, AVX-512 BF16, AMX or AVX-NE-CONVERT',
-                 'arm': 'no FEAT_BF16 instructions'}.get(family, 'no bf16 kernels in oneDNN')
+        lacks = 'no FEAT_BF16 instructions' if family == 'arm' else 'no bf16 instructions'
     facts = [f'torch capability {capability}',
              'bf16 flags: ' + ('unknown' if present is None else ', '.join(present) or 'none'),
              f"oneDNN bf16: {'yes' if onednn else 'no'}"] + ([f'ONEDNN_MAX_CPU_ISA={isa_cap}'] if isa_cap else [])
@@ -153,9 +157,12 @@ def decide_bf16_support(flags, family, onednn, capability, isa_cap=''):
 
 
 def slow_bf16_warning(support):
-    """One line telling a CPU user that --hmp will be slow here; None where bf16 runs fast."""
-    if support.fast:
+    """One line telling a CPU user that --hmp will be slower than fp32 here; None where bf16 is native."""
+    if support.native:
         return None
-    return (f'warning: --hmp: this CPU has no fast bf16 ({support.lacks}; {support.description}): bf16 '
-            'convolutions run in a reference kernel, so a training step is several times slower than fp32 '
-            '(resnet50: 6x and more); to train in fp32 leave out --hmp (demo scripts: --data-type fp32)')
+    why = ("oneDNN emulates bf16 with fp32 AVX-512 instructions, so a training step is slower than fp32 "
+           '(resnet50: about 2x)' if support.fast else
+           "bf16 convolutions run in torch's reference kernel, so a training step is several times slower "
+           'than fp32 (resnet50: 6x to 15x)')
+    return (f'warning: --hmp: this CPU has no native bf16 ({support.lacks}; {support.description}): {why}; '
+            'to train in fp32 leave out --hmp (demo scripts: --data-type fp32)')

@@ -20,18 +20,19 @@ def cpu_model():
 
 
 def cpu_capability():
-    """The CPU facts that decide CPU training speed: model, torch's vector ISA, native (and fast) bf16."""
+    """The CPU facts that decide CPU training speed: model, torch's vector ISA, native bf16 or not."""
     support = mixed_precision.cpu_bf16_support()
-    fast = 'yes' if support.fast else f'no ({support.lacks})'
-    return (f"CPU: {cpu_model()}; {support.description}; native bf16: {'yes' if support.native else 'no'}; "
-            f'fast bf16 in torch: {fast}')
+    native = 'yes' if support.native else f'no ({support.lacks})'
+    kernels = 'oneDNN' if support.fast else "torch's reference kernel"
+    return f'CPU: {cpu_model()}; {support.description}; native bf16: {native}; bf16 convolutions in {kernels}'
+
 
 
 def cpu_capability_tag():
     """The same facts, short enough to end every result row."""
     support = mixed_precision.cpu_bf16_support()
     return (f"[{cpu_model()}, {mixed_precision.torch_cpu_capability()}, native bf16 "
-            f"{'yes' if support.native else 'no'}{'' if support.fast else ', bf16 slow'}]")
+            f"{'yes' if support.native else 'no'}{'' if support.fast else ', bf16 in reference kernels'}]")
 
 
 def describe(device='cpu'):

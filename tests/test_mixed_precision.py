@@ -115,14 +115,13 @@ def test_bf16_support_is_read_from_this_cpu_and_torch():
     torch_says = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert f'torch capability {torch.backends.cpu.get_cpu_capability()}' in support.description
     assert f"oneDNN bf16: {'yes' if torch_says else 'no'}" in support.description
-    assert support.fast == torch_says and (support.lacks == '') == torch_says
     bf16_flags = (mixed_precision.cpu_flags() or set()) & {'avx512_bf16', 'amx_bf16', 'avx_ne_convert', 'bf16'}
-    assert support.native == bool(bf16_flags)
+    assert support.fast == torch_says
+    assert support.native == (torch_says and bool(bf16_flags)) and (support.lacks == '') == support.native
 
 
 @pytest.mark.parametrize('cpu, flags, family, onednn, capability, isa_cap, native, fast', [
     ('AVX2 only (Haswell..Zen 3)', {'avx2', 'fma'}, 'x86', False, 'AVX2', '', False, False),
-    # oneDNN widens bf16 to fp32 on AVX-512: not slower than fp32 (measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE)
     ('AVX-512 without BF16 (Skylake-SP)', {'avx2', 'avx512f', 'avx512bw'}, 'x86', True, 'AVX512', '', False, True),
     ('AVX-512 BF16 (Zen 4/5, Cooper Lake)', {'avx2', 'avx512f', 'avx512_bf16'}, 'x86', True, 'AVX512', '', True, True),
     ('AMX (Sapphire Rapids)', {'avx512_bf16', 'amx_bf16', 'amx_tile'}, 'x86', True, 'AVX512', '', True, True),
@@ -130,29 +129,33 @@ def test_bf16_support_is_read_from_this_cpu_and_torch():
     ('AVX-512 BF16, oneDNN capped to AVX512_CORE', {'avx512_bf16'}, 'x86', True, 'AVX512', 'avx512_core', False, True),
     ('Neoverse N1 (Graviton2)', {'fp', 'asimd', 'asimddp'}, 'arm', False, 'DEFAULT', '', False, False),
     ('Neoverse V1 (Graviton3)', {'fp', 'asimd', 'bf16', 'svebf16'}, 'arm', True, 'SVE256', '', True, True),
+    ('BF16 instructions, torch without oneDNN bf16', {'bf16'}, 'arm', False, 'DEFAULT', '', False, False),
     ('no /proc/cpuinfo, torch says no', None, 'arm', False, 'DEFAULT', '', False, False),
     ('no /proc/cpuinfo, torch says yes', None, 'arm', True, 'DEFAULT', '', True, True),
 ])
-def test_bf16_is_slow_exactly_where_torch_has_no_onednn_bf16_kernels(cpu, flags, family, onednn, capability, isa_cap,
-                                                                     native, fast):
+def test_bf16_is_native_only_with_bf16_instructions_that_torchs_onednn_uses(cpu, flags, family, onednn, capability,
+                                                                          isa_cap, native, fast):
     support = mixed_precision.decide_bf16_support(flags, family, onednn, capability, isa_cap)
     assert (support.native, support.fast) == (native, fast), cpu
     assert f'torch capability {capability}' in support.description
 
 
 def test_the_warning_says_what_the_cpu_lacks_the_slowdown_and_how_to_turn_it_off():
-    avx2_only = mixed_precision.decide_bf16_support({'avx2', 'fma'}, 'x86', False, 'AVX2')
-    warning = mixed_precision.slow_bf16_warning(avx2_only)
-    assert warning.startswith('warning: --hmp: this CPU has no fast bf16 (no AVX-512, AVX-512 BF16, AMX or '
-                              'AVX-NE-CONVERT; torch capability AVX2, bf16 flags: none, oneDNN bf16: no)')
-    assert 'several times slower than fp32 (resnet50: 6x and more)' in warning
-    assert warning.endswith('leave out --hmp (demo scripts: --data-type fp32)')
-    assert '\n' not in warning
+    avx2_only = mixed_precision.slow_bf16_warning(
+        mixed_precision.decide_bf16_support({'avx2', 'fma'}, 'x86', False, 'AVX2'))
+    assert avx2_only.startswith('warning: --hmp: this CPU has no native bf16 (no AVX-512, AVX-512 BF16, AMX or '
+                                'AVX-NE-CONVERT; torch capability AVX2, bf16 flags: none, oneDNN bf16: no)')
+    assert 'several times slower than fp32 (resnet50: 6x to 15x)' in avx2_only
+    assert avx2_only.endswith('leave out --hmp (demo scripts: --data-type fp32)')
+    skylake = mixed_precision.slow_bf16_warning(
+        mixed_precision.decide_bf16_support({'avx512bw'}, 'x86', True, 'AVX512'))
+    assert '(no AVX-512 BF16, AMX or AVX-NE-CONVERT;' in skylake and 'oneDNN emulates bf16' in skylake
+    assert '\n' not in avx2_only + skylake
     assert mixed_precision.slow_bf16_warning(
         mixed_precision.decide_bf16_support({'amx_bf16'}, 'x86', True, 'AVX512')) is None
 
 
-def test_cpu_device_warns_about_hmp_exactly_when_this_cpu_lacks_fast_bf16(capsys):
+def test_cpu_device_warns_about_hmp_exactly_when_this_cpu_lacks_native_bf16(capsys):
     devices.create('cpu', hmp=RESNET_HMP)
     devices.create('cpu')
     stderr = capsys.readouterr().err
@@ -172,7 +175,7 @@ def test_hmp_where_onednn_has_no_bf16_warns_once_per_host_and_trains(jpeg_datase
         '--hmp-fp32', OPS['fp32_Resnet'], *TINY_IMAGES], env=script_env(ONEDNN_MAX_CPU_ISA='AVX2'))
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines()
-                if line.startswith('warning: --hmp: this CPU has no fast bf16')]
+                if line.startswith('warning: --hmp: this CPU has no native bf16')]
     assert len(warnings) == 1, result.stderr[-3000:]
     assert 'oneDNN bf16: no, ONEDNN_MAX_CPU_ISA=AVX2' in warnings[0]
     assert 'Training time' in result.stdout
