@@ -7,6 +7,7 @@ imported only when `--device hpu` is asked for, so the trainers run on machines 
 import contextlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,18 @@ class CPUDevice:
         if hmp is None:
             return None
         import mixed_precision
-        return mixed_precision.from_op_files(hmp.bf16_path, hmp.fp32_path)
+        precision = mixed_precision.from_op_files(hmp.bf16_path, hmp.fp32_path)
+        self._warn_if_bf16_is_slow()
+        return precision
+
+    def _warn_if_bf16_is_slow(self):
+        """Without native bf16, --hmp makes a CPU step slower than fp32 (without oneDNN bf16 kernels several
+        times): say so and go on, as the user asked for bf16 and it is slow, not wrong. Once per host: ranks
+        are not known yet."""
+        import mixed_precision
+        warning = mixed_precision.slow_bf16_warning(mixed_precision.cpu_bf16_support())
+        if warning and utils.discover_ranks()[2] == 0:
+            print(warning, file=sys.stderr, flush=True)
 
     def init_distributed(self, args):
         """Prepare this process for the collective backend; return the backend's name."""
@@ -168,6 +180,9 @@ class CUDADevice(CPUDevice):
     @property
     def torch_device(self):
         return torch.device('cuda', self.index)
+
+    def _warn_if_bf16_is_slow(self):
+        """bf16 runs on the GPU: the CPU's bf16 support does not matter."""
 
     def init_distributed(self, args):
         self.index = args.local_rank % torch.cuda.device_count()

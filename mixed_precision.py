@@ -4,8 +4,14 @@ On Gaudi, hmp.convert() makes every op named in the bf16 list run in bfloat16 an
 fp32 list run in float32; any other op runs in the dtype of its inputs. Here a TorchFunctionMode does
 the same above autograd: it casts the floating-point inputs of listed ops, so backward flows through
 ordinary cast nodes and gradients reach the fp32 weights in fp32.
+
+On a CPU without bf16 instructions those casts make training slower than fp32, and several times slower
+where torch has no oneDNN bf16 kernels at all (no AVX-512 either): `cpu_bf16_support()` tells how this
+CPU runs bf16, and the CPU device warns when it is not native.
 """
 import os
+import platform
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +77,92 @@ def from_op_files(bf16_path, fp32_path):
     bf16 = resolve_ops(read_op_list(bf16_path, '--hmp-bf16'), '--hmp-bf16', bf16_path)
     fp32 = resolve_ops(read_op_list(fp32_path, '--hmp-fp32'), '--hmp-fp32', fp32_path)
     return OpListPrecision(bf16, fp32)
+
+
+# /proc/cpuinfo flags of instructions that compute in bf16 (x86: AVX-512 BF16, AMX, AVX-NE-CONVERT;
+# aarch64: FEAT_BF16 and its SVE form).
+BF16_FLAGS = {'x86': ('avx512_bf16', 'amx_bf16', 'avx_ne_convert'), 'arm': ('bf16', 'svebf16')}
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN below its ISAs with bf16 instructions.
+ONEDNN_ISAS_WITHOUT_BF16 = {'SSE41', 'AVX', 'AVX2', 'AVX2_VNNI', 'AVX512_CORE', 'AVX512_CORE_VNNI'}
+
+
+@dataclass(frozen=True)
+class CpuBf16Support:
+    native: bool       # torch's oneDNN computes bf16 with the CPU's bf16 instructions
+    fast: bool         # torch runs bf16 convolutions and matmuls in oneDNN at all (natively, or on AVX-512
+                       # by widening to fp32); otherwise in its reference kernel, many times slower
+    lacks: str         # what is missing for native bf16 ('' when native)
+    description: str   # the facts it was decided from
+
+
+def cpu_flags(cpuinfo_path='/proc/cpuinfo'):
+    """The CPU's feature flags (x86 'flags', aarch64 'Features'); None where /proc/cpuinfo is unreadable."""
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('flags', 'Features'):
+                    return set(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def cpu_family(machine=None):
+    machine = (machine or platform.machine()).lower()
+    if machine in ('x86_64', 'amd64', 'i386', 'i686'):
+        return 'x86'
+    return 'arm' if machine.startswith(('aarch64', 'arm')) else machine
+
+
+def torch_cpu_capability():
+    """ATen's vector ISA for CPU kernels ('AVX512', 'AVX2', 'DEFAULT', ...; ATEN_CPU_CAPABILITY lowers it)."""
+    get = getattr(getattr(torch.backends, 'cpu', None), 'get_cpu_capability', None)
+    return get() if get is not None else 'unknown'
+
+
+def onednn_bf16_supported():
+    """torch's own test before it hands a bf16 convolution to oneDNN: oneDNN's ISA (ONEDNN_MAX_CPU_ISA caps
+    it) is AVX-512 or has bf16 instructions. When it fails, bf16 convolutions run in torch's slow reference
+    kernel (aten::_slow_conv2d)."""
+    check = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
+
+
+def cpu_bf16_support(environ=None):
+    """How this CPU runs bf16, and the facts that decided it."""
+    return decide_bf16_support(cpu_flags(), cpu_family(), onednn_bf16_supported(), torch_cpu_capability(),
+                               (os.environ if environ is None else environ).get('ONEDNN_MAX_CPU_ISA', '').strip())
+
+
+def decide_bf16_support(flags, family, onednn, capability, isa_cap=''):
+    """flags: the CPU's feature flags (None: unknown); onednn: torch's oneDNN bf16 test."""
+    present = [f for f in BF16_FLAGS.get(family, ()) if f in flags] if flags is not None else None
+    capped = isa_cap.upper() in ONEDNN_ISAS_WITHOUT_BF16
+    native = onednn and not capped and (bool(present) if present is not None else True)
+    if native:
+        lacks = ''
+    elif present and capped:
+        lacks = 'ONEDNN_MAX_CPU_ISA keeps oneDNN off its bf16 instructions'
+    elif present:
+        lacks = "torch's oneDNN has no bf16 kernels for it"
+    elif family == 'x86':
+        lacks = 'no ' + ('' if onednn else 'AVX-512, ') + 'AVX-512 BF16, AMX or AVX-NE-CONVERT'
+    else:
+        lacks = 'no FEAT_BF16 instructions' if family == 'arm' else 'no bf16 instructions'
+    facts = [f'torch capability {capability}',
+             'bf16 flags: ' + ('unknown' if present is None else ', '.join(present) or 'none'),
+             f"oneDNN bf16: {'yes' if onednn else 'no'}"] + ([f'ONEDNN_MAX_CPU_ISA={isa_cap}'] if isa_cap else [])
+    return CpuBf16Support(native=native, fast=onednn, lacks=lacks, description=', '.join(facts))
+
+
+def slow_bf16_warning(support):
+    """One line telling a CPU user that --hmp will be slower than fp32 here; None where bf16 is native."""
+    if support.native:
+        return None
+    why = ("oneDNN emulates bf16 with fp32 AVX-512 instructions, so a training step is slower than fp32 "
+           '(resnet50: about 2x)' if support.fast else
+           "bf16 convolutions run in torch's reference kernel, so a training step is several times slower "
+           'than fp32 (resnet50: 6x to 15x)')
+    return (f'warning: --hmp: this CPU has no native bf16 ({support.lacks}; {support.description}): {why}; '
+            'to train in fp32 leave out --hmp (demo scripts: --data-type fp32)')

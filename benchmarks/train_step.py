@@ -8,6 +8,8 @@ every step. With --data the fast JPEG pipeline reads real JPEGs (train/ of an Im
 writes an ImageNet-like one). Rounds alternate the project's step and the bare loop; medians of
 wall-clock img/s and, on CPU, of images per CPU-second of this process (less disturbed by other
 processes on a shared machine; use --threads 1 there, so idle OpenMP threads spinning do not count).
+On CPU the header and every result row name the CPU, torch's vector ISA and whether bf16 is native:
+without bf16 instructions the --hmp settings run several times slower than fp32.
 
     python benchmarks/train_step.py --device cpu --batch-size 32
     python benchmarks/train_step.py --device cuda                    # batch 256, synthetic
@@ -35,7 +37,7 @@ import fast_jpeg  # noqa: E402
 import model as models  # noqa: E402
 import sample_data  # noqa: E402
 import train  # noqa: E402
-from machine import describe  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_capability, cpu_capability_tag, describe  # noqa: E402  (benchmarks/machine.py)
 
 # name: (channels_last, hmp)
 SETTINGS = {'fp32 contiguous': (False, False), 'fp32 channels-last': (True, False),
@@ -184,6 +186,8 @@ def run(args, batches_for):
         torch.set_num_threads(args.threads)
     print(f'{args.model}, batch {args.batch_size}, {args.image_size}px, {args.steps} steps x {args.rounds} rounds, '
           f'on {describe(args.device)}; data: {args.data or "synthetic"}')
+    print(cpu_capability())
+    tag = cpu_capability_tag() if args.device == 'cpu' else ''
     wall, cpu = {}, {}
     for name in args.settings.split(','):
         name = name.strip()
@@ -193,14 +197,14 @@ def run(args, batches_for):
         for loop in rounds:
             runs = ' '.join(f'{r[0]:.1f}' for r in rounds[loop])
             print(f'{name:18s} {loop:31s}: {wall[name][loop]:7.2f} img/s  {cpu[name][loop]:7.2f} img/CPU-s'
-                  f'  (img/s by round: {runs})', flush=True)
+                  f'  (img/s by round: {runs})  {tag}', flush=True)
         print(f'{name:18s} project step / bare loop: {wall[name]["project step"] / wall[name]["bare loop"]:.3f} '
-              f'wall, {cpu[name]["project step"] / cpu[name]["bare loop"]:.3f} CPU')
-    report_ratios(wall, 'wall')
-    report_ratios(cpu, 'CPU')
+              f'wall, {cpu[name]["project step"] / cpu[name]["bare loop"]:.3f} CPU  {tag}')
+    report_ratios(wall, 'wall', tag)
+    report_ratios(cpu, 'CPU', tag)
 
 
-def report_ratios(results, measure_name):
+def report_ratios(results, measure_name, tag):
     """Each setting against fp32 contiguous: the project's step against its own, bare loops against the
     plain fp32 bare loop."""
     base = results.get('fp32 contiguous')
@@ -209,7 +213,7 @@ def report_ratios(results, measure_name):
     for name, rates in results.items():
         line = ', '.join(f'{loop} {rate / base["project step" if loop == "project step" else "bare loop"]:.2f}x'
                          for loop, rate in rates.items())
-        print(f'{name:18s} vs fp32 contiguous ({measure_name}): {line}')
+        print(f'{name:18s} vs fp32 contiguous ({measure_name}): {line}  {tag}')
 
 
 def main():

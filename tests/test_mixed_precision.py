@@ -7,9 +7,10 @@ import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, TINY_IMAGES, run_script
+from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
 
 import devices
+import mixed_precision
 import utils
 
 OPS = {name: os.path.join(REPO, f'ops_{name}.txt') for name in
@@ -102,3 +103,79 @@ def test_train_py_with_hmp_trains_on_cpu(jpeg_dataset, tmp_path):
                          '--hmp-fp32', OPS['fp32_Resnet'], *TINY_IMAGES])
     assert result.returncode == 0, result.stderr[-2000:]
     assert ' * Acc@1 ' in result.stdout
+
+
+# --- --hmp on a CPU without bf16 instructions: detected, and said in one line -------------------------------------
+
+RESNET_HMP = devices.HmpConfig(OPS['bf16_Resnet'], OPS['fp32_Resnet'])
+
+
+def test_bf16_support_is_read_from_this_cpu_and_torch():
+    support = mixed_precision.cpu_bf16_support()
+    torch_says = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert f'torch capability {torch.backends.cpu.get_cpu_capability()}' in support.description
+    assert f"oneDNN bf16: {'yes' if torch_says else 'no'}" in support.description
+    bf16_flags = (mixed_precision.cpu_flags() or set()) & {'avx512_bf16', 'amx_bf16', 'avx_ne_convert', 'bf16'}
+    assert support.fast == torch_says
+    assert support.native == (torch_says and bool(bf16_flags)) and (support.lacks == '') == support.native
+
+
+@pytest.mark.parametrize('cpu, flags, family, onednn, capability, isa_cap, native, fast', [
+    ('AVX2 only (Haswell..Zen 3)', {'avx2', 'fma'}, 'x86', False, 'AVX2', '', False, False),
+    ('AVX-512 without BF16 (Skylake-SP)', {'avx2', 'avx512f', 'avx512bw'}, 'x86', True, 'AVX512', '', False, True),
+    ('AVX-512 BF16 (Zen 4/5, Cooper Lake)', {'avx2', 'avx512f', 'avx512_bf16'}, 'x86', True, 'AVX512', '', True, True),
+    ('AMX (Sapphire Rapids)', {'avx512_bf16', 'amx_bf16', 'amx_tile'}, 'x86', True, 'AVX512', '', True, True),
+    ('AVX-512 BF16, oneDNN capped to AVX2', {'avx512_bf16'}, 'x86', False, 'AVX2', 'AVX2', False, False),
+    ('AVX-512 BF16, oneDNN capped to AVX512_CORE', {'avx512_bf16'}, 'x86', True, 'AVX512', 'avx512_core', False, True),
+    ('Neoverse N1 (Graviton2)', {'fp', 'asimd', 'asimddp'}, 'arm', False, 'DEFAULT', '', False, False),
+    ('Neoverse V1 (Graviton3)', {'fp', 'asimd', 'bf16', 'svebf16'}, 'arm', True, 'SVE256', '', True, True),
+    ('BF16 instructions, torch without oneDNN bf16', {'bf16'}, 'arm', False, 'DEFAULT', '', False, False),
+    ('no /proc/cpuinfo, torch says no', None, 'arm', False, 'DEFAULT', '', False, False),
+    ('no /proc/cpuinfo, torch says yes', None, 'arm', True, 'DEFAULT', '', True, True),
+])
+def test_bf16_is_native_only_with_bf16_instructions_that_torchs_onednn_uses(cpu, flags, family, onednn, capability,
+                                                                          isa_cap, native, fast):
+    support = mixed_precision.decide_bf16_support(flags, family, onednn, capability, isa_cap)
+    assert (support.native, support.fast) == (native, fast), cpu
+    assert f'torch capability {capability}' in support.description
+
+
+def test_the_warning_says_what_the_cpu_lacks_the_slowdown_and_how_to_turn_it_off():
+    avx2_only = mixed_precision.slow_bf16_warning(
+        mixed_precision.decide_bf16_support({'avx2', 'fma'}, 'x86', False, 'AVX2'))
+    assert avx2_only.startswith('warning: --hmp: this CPU has no native bf16 (no AVX-512, AVX-512 BF16, AMX or '
+                                'AVX-NE-CONVERT; torch capability AVX2, bf16 flags: none, oneDNN bf16: no)')
+    assert 'several times slower than fp32 (resnet50: 6x to 15x)' in avx2_only
+    assert avx2_only.endswith('leave out --hmp (demo scripts: --data-type fp32)')
+    skylake = mixed_precision.slow_bf16_warning(
+        mixed_precision.decide_bf16_support({'avx512bw'}, 'x86', True, 'AVX512'))
+    assert '(no AVX-512 BF16, AMX or AVX-NE-CONVERT;' in skylake and 'oneDNN emulates bf16' in skylake
+    assert '\n' not in avx2_only + skylake
+    assert mixed_precision.slow_bf16_warning(
+        mixed_precision.decide_bf16_support({'amx_bf16'}, 'x86', True, 'AVX512')) is None
+
+
+def test_cpu_device_warns_about_hmp_exactly_when_this_cpu_lacks_native_bf16(capsys):
+    devices.create('cpu', hmp=RESNET_HMP)
+    devices.create('cpu')
+    stderr = capsys.readouterr().err
+    expected = mixed_precision.slow_bf16_warning(mixed_precision.cpu_bf16_support())
+    assert stderr == (expected + '\n' if expected else '')
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_hmp_where_onednn_has_no_bf16_warns_once_per_host_and_trains(jpeg_dataset, tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes torch's oneDNN an AVX2-only one, as on a CPU without AVX-512 (torch itself
+    then reports no bf16 support); 2 ranks on one host give one warning."""
+    result = run_script(mpirun_prefix(2) + [
+        'train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), '--device', 'cpu',
+        '--model', 'resnet18', '--batch-size', '4', '--workers', '1', '--dl-worker-type', 'FAST', '--epochs', '1',
+        '--num-train-steps', '1', '--num-eval-steps', '1', '--hmp', '--hmp-bf16', OPS['bf16_Resnet'],
+        '--hmp-fp32', OPS['fp32_Resnet'], *TINY_IMAGES], env=script_env(ONEDNN_MAX_CPU_ISA='AVX2'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines()
+                if line.startswith('warning: --hmp: this CPU has no native bf16')]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert 'oneDNN bf16: no, ONEDNN_MAX_CPU_ISA=AVX2' in warnings[0]
+    assert 'Training time' in result.stdout
