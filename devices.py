@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import utils
 from data import IMAGENET_MEAN, IMAGENET_STD
 from utils import UsageError
@@ -94,7 +95,7 @@ class CPUDevice:
         are not known yet."""
         import mixed_precision
         warning = mixed_precision.slow_bf16_warning(mixed_precision.cpu_bf16_support())
-        if warning and utils.discover_ranks()[2] == 0:
+        if warning and distributed.discover_ranks()[2] == 0:
             print(warning, file=sys.stderr, flush=True)
 
     def init_distributed(self, args):
