@@ -17,11 +17,11 @@ import re
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 import distributed
 import output_folder
-import utils
-from utils import UsageError
+from cli import UsageError
 
 FORMAT_VERSION = 1
 
@@ -52,7 +52,10 @@ def prepare_output_dir(folder, writes):
 def save(checkpoint, *paths):
     """Write on rank 0 only, each file atomically (a kill mid-write leaves the old file intact); a failed
     write ends the run with one line (output_folder.SaveFailed, exit 1)."""
-    utils.save_on_master(checkpoint, *paths)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for path in paths:
+        output_folder.atomic_save(checkpoint, path, 'checkpoint')
 
 
 def load(path, model_name, num_classes, required_keys, flag='--resume'):

@@ -34,7 +34,7 @@ def run_cli(main, *args):
 
 
 def end_loader_workers():
-    """Loader workers ignore SIGTERM (data.seed_worker), so multiprocessing's clean-up at exit, which
+    """Loader workers ignore SIGTERM (samplers.seed_worker), so multiprocessing's clean-up at exit, which
     sends them SIGTERM and then waits, would wait forever for workers that are still running (a loader
     that an error left behind, persistent workers). End them here instead."""
     import multiprocessing
@@ -81,3 +81,32 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def check_at_least(limits):
+    """Refuse each (flag, value, least) of `limits` whose value is below its least."""
+    for flag, value, least in limits:
+        if value < least:
+            raise UsageError(f'{flag} must be at least {least}, got {value}')
+
+
+def add_hmp_args(parser, bf16_default, fp32_default):
+    """Habana mixed precision flags, shared by both trainers (they differ only in the defaults)."""
+    parser.add_argument('--hmp', dest='is_hmp', action='store_true', help='enable hmp mode')
+    parser.add_argument('--hmp-bf16', default=bf16_default, help='path to bf16 ops list in hmp O1 mode')
+    parser.add_argument('--hmp-fp32', default=fp32_default, help='path to fp32 ops list in hmp O1 mode')
+    parser.add_argument('--hmp-opt-level', default='O1', help='choose optimization level for hmp')
+    parser.add_argument('--hmp-verbose', action='store_true', help='enable verbose mode for hmp')
+
+
+def add_image_size_args(parser):
+    """Added (upstream torchvision 0.12+ names and the reference sizes), so small images and quick runs work."""
+    parser.add_argument('--train-crop-size', default=224, type=int, help='RandomResizedCrop size')
+    parser.add_argument('--val-resize-size', default=256, type=int, help='validation resize size')
+    parser.add_argument('--val-crop-size', default=224, type=int, help='validation center crop size')
+
+
+def compatibility_group(parser):
+    """The group of flags the originals take that these scripts accept, so their command lines run unchanged,
+    and ignore (each help says why)."""
+    return parser.add_argument_group('accepted for compatibility with the original scripts, and ignored')

@@ -13,7 +13,10 @@ import launcher
 DEFAULT_MODEL = 'googlenet'
 ALWAYS_PASSED = ('--batch-size', '--data-path', '--dataset-type', '--device', '--dl-worker-type', '--epochs',
                  '--learning-rate', '--lr-step-size', '--lr-gamma', '--momentum', '--print-interval',
-                 '--save-checkpoint', '--start-epoch', '--weight-decay', '--workers', '--num-train-steps')
+                 '--save-checkpoint', '--start-epoch', '--weight-decay', '--workers')
+
+TRAINER = 'main.py'
+PRINT_NAMESPACE = False  # as the original, which does not print its parsed arguments
 
 
 def build_parser():
@@ -67,6 +70,7 @@ def trainer_args(args, process_per_node):
     command += launcher.switches(args, ('--evaluate',))
     if args.mode == 'lazy' or args.enable_lazy:
         command.append('--enable-lazy')
+    command += launcher.flag_values(args, ('--num-train-steps',))  # always passed, in the original's place
     command += launcher.switches(args, ('--no-aux-logits', '--pretrained'))
     command += launcher.flag_values(args, [flag for flag in ('--resume', '--seed')
                                            if launcher.value_of(args, flag) is not None])
@@ -74,4 +78,4 @@ def trainer_args(args, process_per_node):
 
 
 if __name__ == '__main__':
-    launcher.main(build_parser(), trainer_args, 'main.py')
+    launcher.main(build_parser(), trainer_args, TRAINER, PRINT_NAMESPACE)

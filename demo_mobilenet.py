@@ -9,6 +9,9 @@ import launcher
 
 HYPERPARAMETERS = ('--lr', '--momentum', '--wd', '--lr-step-size', '--lr-gamma')
 
+TRAINER = 'train.py'
+PRINT_NAMESPACE = True  # as the original, which prints its parsed arguments
+
 
 def build_parser():
     parser = launcher.demo_parser('MobileNetV2 training on Gaudi (hpu), CUDA or CPU through train.py')
@@ -26,4 +29,4 @@ def trainer_args(args, process_per_node):
 
 
 if __name__ == '__main__':
-    launcher.main(build_parser(), trainer_args, 'train.py', print_namespace=True)
+    launcher.main(build_parser(), trainer_args, TRAINER, PRINT_NAMESPACE)

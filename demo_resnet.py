@@ -6,6 +6,9 @@ The interface of Habana's demo_resnet.py (release 1.4.0); the launch itself is l
 """
 import launcher
 
+TRAINER = 'train.py'
+PRINT_NAMESPACE = True  # as the original, which prints its parsed arguments
+
 
 def build_parser():
     parser = launcher.demo_parser('ResNet training on Gaudi (hpu), CUDA or CPU through train.py')
@@ -18,4 +21,4 @@ def trainer_args(args, process_per_node):
 
 
 if __name__ == '__main__':
-    launcher.main(build_parser(), trainer_args, 'train.py', print_namespace=True)
+    launcher.main(build_parser(), trainer_args, TRAINER, PRINT_NAMESPACE)

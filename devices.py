@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
-import utils
-from data import IMAGENET_MEAN, IMAGENET_STD
-from utils import UsageError
+from cli import UsageError
 
 
 @dataclass
@@ -68,7 +66,6 @@ class CPUDevice:
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mark_points = frozenset()
-        self._normalisers = {}
         self.precision = self._start_precision(hmp)
 
     @property
@@ -98,8 +95,9 @@ class CPUDevice:
         if warning and distributed.discover_ranks()[2] == 0:
             print(warning, file=sys.stderr, flush=True)
 
-    def init_distributed(self, args):
-        """Prepare this process for the collective backend; return the backend's name."""
+    def init_distributed(self, local_rank):
+        """Prepare this process, the `local_rank`-th of its host, for the collective backend; return the
+        backend's name."""
         return self.collective_backend
 
     def mark_step(self, point):
@@ -126,22 +124,11 @@ class CPUDevice:
                     **no_buffer_broadcast())
 
     def to_device(self, image, target):
-        """Copy a batch to the device; uint8 images are normalised there, then laid out as the model wants."""
+        """Copy a batch to the device (a no-op for the FAST loader's, already there) and lay the images out as
+        the model wants."""
         image = image.to(self.torch_device, non_blocking=True)
         target = target.to(self.torch_device, non_blocking=True)
-        if image.dtype == torch.uint8:
-            image = self._normalise(image)
         return image.contiguous(memory_format=self.memory_format), target
-
-    def _normalise(self, image):
-        """(x / 255 - mean) / std as one multiply-add on the uint8 batch (which keeps its layout)."""
-        key = image.device
-        if key not in self._normalisers:
-            inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=key).view(1, 3, 1, 1) * 255)
-            shift = -torch.tensor(IMAGENET_MEAN, device=key).view(1, 3, 1, 1) * 255 * inv_std
-            self._normalisers[key] = (shift, inv_std)
-        shift, inv_std = self._normalisers[key]
-        return torch.addcmul(shift, image, inv_std)
 
     @contextlib.contextmanager
     def checkpoint_state(self, model, optimizer):
@@ -185,8 +172,8 @@ class CUDADevice(CPUDevice):
     def _warn_if_bf16_is_slow(self):
         """bf16 runs on the GPU: the CPU's bf16 support does not matter."""
 
-    def init_distributed(self, args):
-        self.index = args.local_rank % torch.cuda.device_count()
+    def init_distributed(self, local_rank):
+        self.index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(self.index)
         return self.collective_backend
 
@@ -258,9 +245,9 @@ class HPUDevice(CPUDevice):
     def collective_device(self):
         return self.torch_device
 
-    def init_distributed(self, args):
-        os.environ['ID'] = str(args.local_rank)
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    def init_distributed(self, local_rank):
+        os.environ['ID'] = str(local_rank)
+        os.environ['LOCAL_RANK'] = str(local_rank)
         import habana_frameworks.torch.core.hccl  # noqa: F401  (registers the hccl backend)
         torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 200 * 1024 * 1024
         return self.collective_backend
@@ -289,10 +276,10 @@ class HPUDevice(CPUDevice):
     def _permute(self, model, optimizer, to_filters_last):
         if not self._permutes_weights():
             return
-        utils.permute_params(model, to_filters_last)
+        permute_params(model, to_filters_last)
         self.htcore.mark_step()
         if optimizer is not None:
-            utils.permute_momentum(optimizer, to_filters_last)
+            permute_momentum(optimizer, to_filters_last)
             self.htcore.mark_step()
 
     def after_optimizer_created(self, model, optimizer):
@@ -319,6 +306,30 @@ class HPUDevice(CPUDevice):
 
     def pin_memory(self):
         return True
+
+
+# Habana's convolution kernels want filters-last (RSCK) weights; checkpoints and torchvision use KCRS.
+KCRS_TO_RSCK = (2, 3, 1, 0)
+RSCK_TO_KCRS = (3, 2, 0, 1)
+
+
+def permute_params(model, to_filters_last):
+    """Permute every 4-D parameter (the conv weights) between KCRS and RSCK, in place."""
+    order = KCRS_TO_RSCK if to_filters_last else RSCK_TO_KCRS
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 4:
+                param.data = param.data.permute(order).contiguous()
+
+
+def permute_momentum(optimizer, to_filters_last):
+    """Permute every 4-D momentum buffer the same way as the weights it belongs to."""
+    order = KCRS_TO_RSCK if to_filters_last else RSCK_TO_KCRS
+    with torch.no_grad():
+        for state in optimizer.state.values():
+            buf = state.get('momentum_buffer')
+            if buf is not None and buf.ndim == 4:
+                state['momentum_buffer'] = buf.permute(order).contiguous()
 
 
 def _state_to_cpu(obj):

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+from typing import NamedTuple
 
 import torch.distributed as dist
 
@@ -168,30 +169,44 @@ def add_timeout_flag(parser):
                              f'(default: {DEFAULT_TIMEOUT_S} = 10 minutes)')
 
 
-def init_distributed_mode(args, backend_for_device):
-    """Fill args.rank/world_size/local_rank/distributed and start the process group when world size > 1,
-    waiting at most args.dist_timeout seconds for the other ranks.
+class Ranks(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    distributed: bool
 
-    `backend_for_device` is the device layer's hook that names (and prepares) the collective backend.
+
+def start(dist_url, timeout_s, backend_for_local_rank):
+    """Who this process is, from its launcher's variables; with more than one rank, the process group is
+    started too, waiting at most `timeout_s` seconds (--dist-timeout) for the other ranks.
+
+    `backend_for_local_rank` is the device layer's hook that prepares this process for its collective
+    backend and names it. Returns Ranks.
     """
     global _heartbeat
-    args.rank, args.world_size, args.local_rank, launcher = discover_ranks()
-    args.gpu = args.local_rank
-    if args.world_size <= 1:
+    rank, world_size, local_rank, launcher = discover_ranks()
+    if world_size <= 1:
         print('Not using distributed mode')
-        args.distributed = False
-        return
-    args.distributed = True
+        return Ranks(rank, world_size, local_rank, False)
     address, port, port_source = meeting_point(os.environ)
     os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = address, str(port)
-    backend = backend_for_device(args)
-    meeting = Meeting(args.rank, args.world_size, args.dist_timeout, args.dist_url,
-                      store_address(args.dist_url, os.environ), port_source,
+    backend = backend_for_local_rank(local_rank)
+    meeting = Meeting(rank, world_size, timeout_s, dist_url, store_address(dist_url, os.environ), port_source,
                       variables_read(os.environ) or launcher, launch_command(os.environ))
-    say(f'| distributed init (rank {args.rank}, {launcher}): {meeting.describe()}')
+    say(f'| distributed init (rank {rank}, {launcher}): {meeting.describe()}')
     meeting.start_process_group(backend)
-    setup_for_distributed(args.rank == 0)
-    _heartbeat = Heartbeat(args.rank, args.world_size, args.dist_timeout, meeting.store)
+    setup_for_distributed(rank == 0)
+    _heartbeat = Heartbeat(rank, world_size, timeout_s, meeting.store)
+    return Ranks(rank, world_size, local_rank, True)
+
+
+def broadcast_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP runs without broadcasting buffers at
+    each forward, for speed, so before evaluating and saving, all ranks are made to hold the model that is
+    saved."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)
 
 
 def say(line):

@@ -1,8 +1,8 @@
 """The fast JPEG input pipeline: --dl-worker-type FAST, and HABANA where habana_dataloader is missing.
 
 Each loader item is a whole batch, decoded by one worker straight into a uint8 NHWC buffer and handed
-over as an NCHW view of it (so already channels_last); the device layer converts it to float and
-normalises it on the device. Per image: libjpeg-turbo decode (simplejpeg), then antialiased bilinear
+over as an NCHW view of it (so already channels_last); NormalizedOnDevice moves it to the device and
+converts it to normalised float there. Per image: libjpeg-turbo decode (simplejpeg), then antialiased bilinear
 resize of the crop (the same pixels as torchvision on a PIL image, within 1 grey level) and a
 horizontal flip. Where csrc/build.sh has built the region decoder, training crops decode only the
 rows and columns they need (same pixels); crops at least twice the output size decode at half scale
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, Dataset
 
 import data
+import samplers
 
 SCALE = (0.08, 1.0)
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
@@ -257,7 +258,7 @@ class TrainBatches(ImageBatches):
 
     def _augment_into(self, out, epoch, index):
         """Write sample `index`'s random crop, flipped with probability 0.5, into out."""
-        rng = np.random.default_rng(data.sample_seed(self.seed, epoch, index))
+        rng = np.random.default_rng(samplers.sample_seed(self.seed, epoch, index))
         image = EncodedImage(self.samples[index][0])
         box = random_resized_crop_box(image.height, image.width, rng)
         reduction = dct_reduction(box[2], box[3], self.out_size, self.out_size)
@@ -285,35 +286,41 @@ class EvalBatches(ImageBatches):
         out.copy_(resized[top:top + self.out_size, left:left + self.out_size])
 
 
-class EpochBatchSampler:
-    """(epoch, indices) for each training batch of the sampler's current epoch, batched like
-    data.TrainBatchSampler (a trailing batch of one sample is left out)."""
-
-    def __init__(self, sampler, batch_size):
-        self.sampler = getattr(sampler, 'sampler', sampler)  # data.EpochIndexSampler wraps the real one
-        self.batches = data.TrainBatchSampler(self.sampler, batch_size)
-
-    def __iter__(self):
-        epoch = self.sampler.epoch
-        return ((epoch, batch) for batch in self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def batch_loader(dataset, batch_keys, workers, dev):
+def batch_loader(dataset, batch_keys, workers, pin_memory, start_method):
     """A DataLoader whose every item is one batch already built by a worker (every random draw is
     seeded per sample, so the workers' own seeds do not matter). Its generator is its own, so that starting
     it never draws from the global RNG (dropout), wherever a run starts or resumes."""
-    return data.SignalSafeLoader(dataset, batch_size=None, sampler=batch_keys, pin_memory=dev.pin_memory(),
+    return data.SignalSafeLoader(dataset, batch_size=None, sampler=batch_keys, pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(0),
-                                 **data.worker_options(workers, dev.worker_start_method))
+                                 **data.worker_options(workers, start_method))
 
 
-def build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size, workers, dev,
-                  crop_size=224, resize_size=256, val_crop_size=224, seed=0):
-    """(train loader, validation loader) yielding (uint8 NCHW channels_last images, int64 targets)."""
+class NormalizedOnDevice:
+    """The uint8 batches of a loader, moved to `device` and normalised there, (x / 255 - mean) / std, as one
+    multiply-add that keeps the batch's channels_last layout: a quarter of the bytes cross to the device."""
+
+    def __init__(self, loader, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
+        self.loader = loader
+        self.device = device
+        inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255 * inv_std
+        self.inv_std = inv_std
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield torch.addcmul(self.shift, images, self.inv_std), targets.to(self.device, non_blocking=True)
+
+
+def build_loaders(dataset, dataset_test, train_sampler, test_sampler, *, batch_size, workers, device, pin_memory,
+                  start_method, crop_size=224, resize_size=256, val_crop_size=224, seed=0):
+    """(train loader, validation loader) yielding normalised float images on `device` (channels_last) and
+    int64 targets."""
     train = TrainBatches(list(dataset.samples), crop_size, seed)
     test = EvalBatches(list(dataset_test.samples), resize_size, val_crop_size)
-    return (batch_loader(train, EpochBatchSampler(train_sampler, batch_size), workers, dev),
-            batch_loader(test, BatchSampler(test_sampler, batch_size, drop_last=False), workers, dev))
+    return tuple(NormalizedOnDevice(batch_loader(batches, keys, workers, pin_memory, start_method), device)
+                 for batches, keys in ((train, samplers.EpochBatchSampler(train_sampler, batch_size)),
+                                       (test, BatchSampler(test_sampler, batch_size, drop_last=False))))

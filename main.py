@@ -3,10 +3,9 @@
 It keeps the examples' shape (main, train, validate, save_checkpoint, AverageMeter, ProgressMeter)
 and its log lines, and adds what Habana added: the auxiliary-classifier loss, throughput with and
 without data loading, a warm-up skip in the averages, and periodic checkpoints. Devices, data
-loading, metrics and checkpoint files are shared with train.py (the ResNet/MobileNetV2 trainer); the
-deliberate changes are listed in the README.
+loading, metrics, the step, resume and checkpoint files come from the training core (training.py) that
+train.py (the ResNet/MobileNetV2 trainer) uses too; the deliberate changes are listed in the README.
 """
-import argparse
 import datetime
 import functools
 import os
@@ -19,12 +18,14 @@ import torch.nn as nn
 from torchvision.models import GoogLeNetOutputs
 
 import checkpoints
+import cli
 import devices
 import distributed
-import model as models
-import train as classification  # train.py; main.py has a train() of its own
+import loaders
+import stopping
+import training
 import utils
-from utils import UsageError
+from cli import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DEVICE_KIND = {'cpu': 'cpu', 'gpu': 'cuda', 'hpu': 'hpu'}  # --device gpu means CUDA, as in the original
@@ -124,32 +125,33 @@ def update_accuracy(top1, top5, logits, target):
     top5.update(acc5.item(), target.shape[0])
 
 
-def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False, stop=None, first_step=0):
-    """One epoch (from `first_step` after a mid-epoch stop). Returns the step to resume from when SIGTERM
-    stopped it early, else None; a NaN or infinite loss raises utils.NonFiniteLoss at the next printed step."""
+def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
+          warm_up=False, stop=None, first_step=0):
+    """One epoch (from `first_step` after a mid-epoch stop). Returns the step to resume from when a stop signal
+    ended it early, else None; a NaN or infinite loss raises stopping.NonFiniteLoss at the next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
     rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', skip)
     data_time = AverageMeter('DL Time', ':6.3f', skip)
     losses, top1, top5 = loss_and_accuracy_meters()
-    shown = [batch_time] + ([compute_rate] if args.print_interval == 1 else []) + [rate, data_time,
+    shown = [batch_time] + ([compute_rate] if print_interval == 1 else []) + [rate, data_time,
                                                                                   losses, top1, top5]
     progress = ProgressMeter(first_step + len(train_loader), shown, prefix=f'Epoch: [{epoch}]')
 
     model.train()
     window = PrintWindow()
-    nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
+    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device)
     for i, (images, target) in enumerate(train_loader, start=first_step):
         distributed.progress(epoch, i)
         images, target = dev.to_device(images, target)
         window.data_ready()
-        output, loss = classification.train_step(model, functools.partial(training_loss, criterion), optimizer,
-                                                 dev, images, target)
+        output, loss = training.train_step(model, functools.partial(training_loss, criterion), optimizer, dev,
+                                           images, target)
         window.step_done(images.shape[0])
         nonfinite.track(loss, i, optimizer.param_groups[0]['lr'])
 
-        printed = (i - first_step) % args.print_interval == 0
+        printed = (i - first_step) % print_interval == 0
         if printed:
             nonfinite.check(epoch)
             losses.update(loss.item(), images.shape[0])
@@ -162,13 +164,13 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
             progress.display(i)
         if stop is not None and stop.after_step(i):
             return i + 1
-        if i + 1 >= args.num_train_steps:
+        if i + 1 >= num_train_steps:
             break
     nonfinite.check(epoch)
     return None
 
 
-def validate(val_loader, model, criterion, dev, args, stop=None):
+def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None):
     """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed.
     None when a stop signal cut it short (each rank leaves its loop on its own)."""
     batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
@@ -188,13 +190,13 @@ def validate(val_loader, model, criterion, dev, args, stop=None):
                 loss = criterion(output, target)
             update_accuracy(top1, top5, output, target)  # every batch, so the summary is exact
             window.step_done(images.shape[0])
-            if i % args.print_interval == 0:
+            if i % print_interval == 0:
                 losses.update(loss.item(), images.shape[0])
                 times = window.close()
                 batch_time.update(times.batch_time)
                 rate.update(times.images_per_s)
                 progress.display(i)
-            if i + 1 >= args.num_train_steps:  # the original bounds validation by this flag too
+            if i + 1 >= num_train_steps:  # the original bounds validation by this flag too
                 break
             if stop is not None and stop.signum:
                 break
@@ -223,20 +225,10 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best
     After a mid-epoch stop (at `position`: samples of the epoch's order trained) the file also holds what a
     resume needs to continue exactly.
     """
-    with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
-        checkpoint = checkpoints.stamp({
-            'epoch': epoch,
-            'arch': args.model,
-            'state_dict': model_state,
-            'best_acc1': best_acc1,
-            'optimizer': optimizer_state,
-            'lr_scheduler': lr_scheduler.state_dict(),
-        }, args.model, num_classes)
-        if position is not None:
-            checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
-        paths = checkpoint_paths(args.output_dir, epoch, args.device, is_best)
-        checkpoints.save(checkpoint, *paths)
-    return paths[0]
+    fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, 'lr_scheduler': lr_scheduler.state_dict()}
+    return training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields,
+                                    checkpoint_paths(args.output_dir, epoch, args.device, is_best),
+                                    model_key='state_dict', position=position)
 
 
 def check_aux_heads(state_dict, model, path):
@@ -250,18 +242,15 @@ def check_aux_heads(state_dict, model, path):
         raise UsageError(f"--resume: '{path}' was trained {how} the auxiliary classifiers; {fix} to resume it")
 
 
-def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, args, num_classes):
-    """Load model, optimizer and schedule; set args.start_epoch; return (best top-1 so far, epoch position to
-    resume from, saved random state)."""
+def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, model_name, num_classes):
+    """Load model, optimizer and schedule from `path`; returns training.Resumed (best_acc1 in its checkpoint)."""
     print(f"=> loading checkpoint '{path}'")
-    checkpoint = checkpoints.load(path, args.model, num_classes,
+    checkpoint = checkpoints.load(path, model_name, num_classes,
                                   ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
-    dev.load_training_state(model_without_ddp, optimizer, checkpoint['state_dict'], checkpoint['optimizer'])
-    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    args.start_epoch, resume_at = classification.resume_position(checkpoint)
+    resumed = training.resume(checkpoint, path, dev, model_without_ddp, optimizer, lr_scheduler, 'state_dict')
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
-    return checkpoint['best_acc1'], resume_at, checkpoint.get('rng_state')
+    return resumed
 
 
 def drop_aux_heads(model):
@@ -272,46 +261,42 @@ def drop_aux_heads(model):
     return model
 
 
-def build_model(args, num_classes):
-    """torchvision's model; for googlenet, with auxiliary classifiers unless --no-aux-logits.
+def build_model(name, num_classes, pretrained, aux_logits, resuming):
+    """torchvision's model; for googlenet, with auxiliary classifiers unless `aux_logits` is False.
 
     GoogLeNet is built with its aux heads and they are removed afterwards, because torchvision's
     ImageNet weights (--pretrained) can only be loaded that way.
     """
-    if args.model != 'googlenet':
-        return classification.build_model(args, num_classes)
-    try:
-        model = models.create_model(args.model, num_classes=num_classes, pretrained=args.pretrained,
-                                    aux_logits=True, transform_input=args.pretrained,
-                                    init_weights=not (args.pretrained or args.resume))
-    except models.ModelError as err:
-        raise UsageError(f'--pretrained: {err}') from None
-    return drop_aux_heads(model) if args.no_aux_logits else model
+    if name != 'googlenet':
+        return training.build_model(name, num_classes, pretrained)
+    model = training.build_model(name, num_classes, pretrained, aux_logits=True, transform_input=pretrained,
+                                 init_weights=not (pretrained or resuming))
+    return model if aux_logits else drop_aux_heads(model)
 
 
-def data_loaders(args, dev):
-    """train.py's data set-up with this trainer's options: no file-list cache; with --seed each sample's
-    augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the train sampler
-    shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order.
-    Returns (number of classes, train sampler, train loader, validation loader)."""
-    options = argparse.Namespace(**vars(args))
-    options.cache_dataset = False
-    options.deterministic = args.seed is not None
-    options.seed = 0 if args.seed is None else args.seed
-    result = classification.data_loaders(options, dev, args.seed)
-    args.dl_worker_type = options.dl_worker_type  # the loader that really runs, for print(args) and checkpoints
-    return result
+def load_data(args, dev, ranks):
+    """The loaders (loaders.build), with this trainer's options: no file-list cache; with --seed each sample's
+    augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the training order
+    shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order."""
+    seeded = args.seed is not None
+    return loaders.build(args.data_path, kind=args.dl_worker_type, batch_size=args.batch_size, workers=args.workers,
+                         world_size=ranks.world_size, rank=ranks.rank, seed=args.seed if seeded else 0, seeded=seeded,
+                         device=dev.torch_device, pin_memory=dev.pin_memory(),
+                         worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
+                         val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
+                         loader_seed=args.seed if seeded else int(torch.randint(2 ** 31, ()).item()))
 
 
 def check_args(args):
     """Refuse values that cannot work, before any data is read or any file written."""
     least_crop = GOOGLENET_MIN_INPUT if args.model == 'googlenet' else 1
-    classification.check_common_args(args, (
+    cli.check_at_least((
         ('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1), ('--workers', args.workers, 0),
         ('--print-interval', args.print_interval, 1), ('--num-train-steps', args.num_train_steps, 1),
         ('--save-checkpoint', args.save_checkpoint, 0), ('--start-epoch', args.start_epoch, 0),
         ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
+    training.check_model_and_resume(args.model, args.resume)
     if args.is_amp:
         raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
                          'mixed precision) on hpu, gpu and cpu')
@@ -319,65 +304,64 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    dev = devices.create(TORCH_DEVICE_KIND[args.device], channels_last=True,
-                         hmp=classification.hmp_config(args), lazy_mode=args.enable_lazy, index=args.gpu)
-    checkpoints.prepare_output_dir(args.output_dir, writes=not args.evaluate)
-    distributed.init_distributed_mode(args, dev.init_distributed)
+    dev, ranks = training.start(TORCH_DEVICE_KIND[args.device], output_dir=args.output_dir, writes=not args.evaluate,
+                                dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=True,
+                                hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
+                                                        args.hmp_verbose),
+                                lazy_mode=args.enable_lazy, index=args.gpu)
+    vars(args).update(ranks._asdict())  # for print(args), as the original's distributed set-up
     dev.mark_points = devices.EXAMPLES_MARK_POINTS
     print(args)
     print('Using', dev.torch_device)
     if args.seed is not None:
-        classification.seed_everything(args.seed, deterministic=True)
+        training.seed_everything(args.seed, deterministic=True)
 
-    num_classes, train_sampler, train_loader, val_loader = data_loaders(args, dev)
+    dataset = load_data(args, dev, ranks)
+    args.dl_worker_type = dataset.kind  # the loader that really runs
+    train_loader, val_loader, train_sampler = dataset.train, dataset.val, dataset.train_sampler
+    num_classes = len(dataset.classes)
 
     print('Creating model ', args.model)
-    model = dev.prepare_model(build_model(args, num_classes))
+    model = training.place_model(dev, build_model(args.model, num_classes, args.pretrained, not args.no_aux_logits,
+                                                  bool(args.resume)))
     criterion = nn.CrossEntropyLoss()
-    optimizer = dev.make_optimizer(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                   weight_decay=args.weight_decay)
-    dev.after_optimizer_created(model, optimizer)
+    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
 
-    model_without_ddp = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(args.model), **DDP_SETTINGS))
-        model_without_ddp = model.module
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, **DDP_SETTINGS)
 
-    best_acc1, resume_at, rng_state = 0.0, 0, None
+    best_acc1, resumed = 0.0, training.NOT_RESUMED
     if args.resume:
-        best_acc1, resume_at, rng_state = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler,
-                                                   args, num_classes)
+        resumed = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler, args.model, num_classes)
+        best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
     if args.evaluate:
-        validate(val_loader, model_without_ddp, criterion, dev, args)
+        validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps)
         return
 
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
-    stop = utils.GracefulStop(args.distributed, args.dist_timeout)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
                                num_classes, position)
 
     for epoch in range(args.start_epoch, args.epochs):
-        position = resume_at if epoch == args.start_epoch else 0
-        first_step = classification.prepare_epoch(epoch, position, train_sampler, dev, args.batch_size, args.seed,
-                                                  rng_state)
+        first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed)
         print('training epoch ', epoch)
-        stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args,
-                           warm_up=epoch == args.start_epoch, stop=stop, first_step=first_step)
-        if stopped_at is not None:
-            position = train_sampler.position_after(stopped_at - first_step, args.batch_size)
-            if position < train_sampler.dataset_len:  # a stop on the epoch's last step ends the epoch first
-                return classification.stop_after_signal(stop, save, epoch, position, stopped_at - 1)
+        stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
+                           num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch, stop=stop,
+                           first_step=first_step)
+        position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
+        if position is not None:
+            return training.stop_and_save(stop, save, epoch, position, stopped_at - 1)
         lr_scheduler.step()
-        utils.broadcast_buffers(model_without_ddp)
+        distributed.broadcast_buffers(model_without_ddp)
 
         print('validating epoch ', epoch)
-        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args, stop)
+        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps, stop)
         epoch_time.update(time.time() - epoch_start)
         epoch_start = time.time()
         ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
@@ -390,32 +374,28 @@ def main(args):
             save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
                             num_classes)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
-            return classification.stop_after_signal(stop, save, epoch)
+            return training.stop_and_save(stop, save, epoch)
 
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 
 def get_args_parser(add_help=True):
-    parser = utils.ArgumentParser(description='PyTorch GoogleNet Training', add_help=add_help)
+    parser = cli.ArgumentParser(description='PyTorch GoogleNet Training', add_help=add_help)
     parser.add_argument('--amp', dest='is_amp', action='store_true',
                         help='enable GPU apex amp mode (not supported; use --hmp)')
     parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
                         help='per-process mini-batch size (default: 256)')
     parser.add_argument('--data-path', metavar='DIR', required=True,
                         help='path to dataset (with train/ and val/ folders)')
-    parser.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'], help='Imagenet')
     parser.add_argument('--device', default='hpu', choices=['cpu', 'hpu', 'gpu'],
                         help='cpu, hpu or gpu (CUDA)')
-    parser.add_argument('--distributed', action='store_true',
-                        help='parsed for compatibility: distributed mode follows the launcher (mpirun, torchrun)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
     distributed.add_timeout_flag(parser)
     parser.add_argument('--dl-worker-type', default='MP', type=lambda x: x.upper(),
                         choices=['MP', 'HABANA', 'FAST'],
                         help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
-                             'torch DataLoader where it is not installed; FAST: the fast JPEG pipeline')
-    parser.add_argument('--process-per-node', default=8, type=int, metavar='N', help='number of processes per node')
+                             'fast JPEG pipeline where it is not installed; FAST: the fast JPEG pipeline')
     parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                         help='evaluate model on validation set')
     parser.add_argument('--enable-lazy', action='store_true',
@@ -423,8 +403,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
     parser.add_argument('--gpu', default=0, type=int, metavar='N',
                         help='CUDA device of a single-process --device gpu run')
-    classification.add_hmp_args(parser, os.path.join(HERE, 'ops_bf16_googlenet.txt'),
-                                os.path.join(HERE, 'ops_fp32_googlenet.txt'))
+    cli.add_hmp_args(parser, os.path.join(HERE, 'ops_bf16_googlenet.txt'), os.path.join(HERE, 'ops_fp32_googlenet.txt'))
     parser.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR',
                         help='initial learning rate', dest='lr')
     parser.add_argument('--lr-step-size', default=30, type=int, help='decrease lr every step-size epochs')
@@ -451,9 +430,16 @@ def get_args_parser(add_help=True):
     # Added: where checkpoints go (the original writes to the current directory, still the default),
     # and train.py's image sizes, so small images and quick runs are possible.
     parser.add_argument('--output-dir', default='.', help='where to write checkpoints (default: current directory)')
-    classification.add_image_size_args(parser)
+    cli.add_image_size_args(parser)
+    ignored = cli.compatibility_group(parser)
+    ignored.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'],
+                         help='Imagenet, the one type: any train/ and val/ ImageFolder is read')
+    ignored.add_argument('--distributed', action='store_true',
+                         help='distributed mode follows the launcher (mpirun, torchrun)')
+    ignored.add_argument('--process-per-node', default=8, type=int, metavar='N',
+                         help='processes per node: the launcher places the ranks')
     return parser
 
 
 if __name__ == '__main__':
-    utils.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())
+    cli.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())

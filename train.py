@@ -1,74 +1,62 @@
 """ImageNet classification trainer for the ResNet family and MobileNetV2 on Gaudi (hpu), CUDA and CPU.
 
 A port of Habana's 1.4.0 train.py, itself torchvision's references/classification/train.py (release
-0.10) plus Habana's changes. Function names, flags and log lines follow upstream; the deliberate
-changes are listed in the README. Everything device-specific is behind devices.py.
+0.10) plus Habana's changes. Its functions, flags and log lines follow upstream, in upstream's order;
+what we add sits behind calls with plain names: the device layer (devices.py, through training.py's
+`train_step`), the input pipelines (loaders.py), the stop on SIGTERM and on a NaN loss (stopping.py), and
+the mid-epoch resume (training.py). The deliberate changes are listed in the README.
 """
 import datetime
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import checkpoints
-import data
+import cli
 import devices
 import distributed
-import model as models
+import loaders
+import stopping
+import training
 import utils
-from utils import UsageError
+from cli import UsageError
 
 
-def train_step(model, loss_fn, optimizer, dev, image, target):
-    """One optimisation step, with the device's lazy-graph cuts and mixed precision around it."""
-    dev.mark_step('before_forward')
-    with dev.autocast():
-        output = model(image)
-        loss = loss_fn(output, target)
-    optimizer.zero_grad(set_to_none=True)
-    dev.mark_step('before_backward')
-    loss.backward()
-    dev.mark_step('after_backward')
-    with dev.optimizer_step_context():
-        optimizer.step()
-    dev.mark_step('after_step')
-    return output, loss
-
-
-def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, args, stop=None, first_step=0):
+def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
+                    num_train_steps=sys.maxsize, stop=None, first_step=0):
     """Train one epoch (from `first_step` when resuming mid-epoch).
 
-    Returns (images trained, step to resume from when SIGTERM stopped the epoch early, else None).
-    A NaN or infinite loss raises utils.NonFiniteLoss at the next logged step.
+    Returns (images trained, step to resume from when a stop signal ended the epoch early, else None).
+    The meters are updated on logged steps only, where the step waits for the device anyway; a NaN or
+    infinite loss raises stopping.NonFiniteLoss there.
     """
     model.train()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value}'))
     metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{value}'))
+
     header = f'Epoch: [{epoch}]'
-    throughput = utils.ThroughputWindow(exclude_data_time=args.dl_time_exclude)
-    nonfinite = utils.NonFiniteLossWatch(dev.torch_device)
-    batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=args.num_train_steps - first_step)
+    throughput = utils.ThroughputWindow(exclude_data_time=dl_time_exclude)
+    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device)
+    batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=num_train_steps - first_step)
     for step, (image, target) in enumerate(batches, start=first_step):
         distributed.progress(epoch, step)
         image, target = dev.to_device(image, target)
         throughput.data_ready()
-        output, loss = train_step(model, criterion, optimizer, dev, image, target)
+        output, loss = training.train_step(model, criterion, optimizer, dev, image, target)
         throughput.step_done(image.shape[0])
         nonfinite.track(loss, step, optimizer.param_groups[0]['lr'])
 
-        logged = (step - first_step) % print_freq == 0
-        if logged:
+        if (step - first_step) % print_freq == 0:
             nonfinite.check(epoch)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
-            images = throughput.images
+            batch_size = throughput.images
             metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
-            metric_logger.meters['acc1'].update(acc1.item(), n=images)
-            metric_logger.meters['acc5'].update(acc5.item(), n=images)
+            metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
+            metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
             metric_logger.meters['img/s'].update(throughput.images_per_second())
         if stop is not None and stop.after_step(step):
             return throughput.total_images, step + 1
@@ -111,42 +99,17 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
     return metric_logger.acc1.global_avg
 
 
-def load_data(traindir, valdir, args):
-    print('Loading data')
-    data.check_class_lists(traindir, valdir)
-    cache_dir = data.dataset_cache_dir(args.output_dir) if args.cache_dataset else None
-    print('Loading training data')
-    st = time.time()
-    dataset = data.image_folder(traindir, data.train_transform(args.train_crop_size), cache_dir=cache_dir,
-                                is_main=utils.is_main_process())
-    print('Took', time.time() - st)
-
-    print('Loading validation data')
-    dataset_test = data.image_folder(valdir, data.eval_transform(args.val_resize_size, args.val_crop_size),
-                                     labels_from=dataset, cache_dir=cache_dir, is_main=utils.is_main_process())
-
-    print('Creating data loaders')
-    seeded = args.deterministic and args.dl_worker_type == 'MP'  # FAST seeds each sample itself
-    train_sampler = data.train_sampler(dataset, args.world_size, args.rank, args.seed, seeded)
-    if seeded:
-        dataset = data.SeededAugmentation(dataset, args.seed)
-    test_sampler = data.ShardedEvalSampler(len(dataset_test), args.world_size, args.rank)
-    return dataset, dataset_test, train_sampler, test_sampler
-
-
-def data_loaders(args, dev, loader_seed=None):
-    """(number of classes, train sampler, train loader, validation loader) for --data-path; the loaders
-    draw their random seeds from `loader_seed` (a fresh random one when None)."""
-    train_dir = data.check_split_dir(args.data_path, 'train')
-    val_dir = data.check_split_dir(args.data_path, 'val')
-    args.dl_worker_type = data.resolve_loader_kind(args.dl_worker_type)
-    dataset, dataset_test, train_sampler, test_sampler = load_data(train_dir, val_dir, args)
-    if loader_seed is None:
-        loader_seed = int(torch.randint(2 ** 31, ()).item())
-    loaders = data.build_loaders(args.dl_worker_type, dataset, dataset_test, train_sampler, test_sampler,
-                                 args.batch_size, args.workers, dev, args.train_crop_size, args.val_resize_size,
-                                 args.val_crop_size, seed=loader_seed)
-    return (len(dataset.classes), train_sampler, *loaders)
+def load_data(data_path, args, dev, ranks):
+    """The datasets of data_path/train and data_path/val, their samplers and loaders (loaders.build), with
+    upstream's progress lines. The training order is shuffled from --seed; with --deterministic every
+    sample's augmentation is seeded too."""
+    return loaders.build(data_path, kind=args.dl_worker_type, batch_size=args.batch_size, workers=args.workers,
+                         world_size=ranks.world_size, rank=ranks.rank, seed=args.seed, seeded=args.deterministic,
+                         device=dev.torch_device, pin_memory=dev.pin_memory(),
+                         worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
+                         val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
+                         cache_dataset=args.cache_dataset, output_dir=args.output_dir,
+                         loader_seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()))
 
 
 def custom_lr_table(base_lr, values, milestones, epochs):
@@ -179,209 +142,120 @@ def custom_lr_table(base_lr, values, milestones, epochs):
     return table
 
 
-def check_common_args(args, limits):
-    """Checks both trainers make before any data is read or any file written: each (flag, value, least)
-    of `limits`, the model name and the --resume file."""
-    for flag, value, least in limits:
-        if value < least:
-            raise UsageError(f'{flag} must be at least {least}, got {value}')
-    if args.model not in models.available_models():
-        raise UsageError(f"--model: unknown model '{args.model}'; choose one of: "
-                         + ', '.join(models.available_models()))
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
-
-
 def check_args(args):
-    """Refuse values that cannot work, before any data is read or any file written."""
-    check_common_args(args, (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
-                             ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
-                             ('--num-train-steps', args.num_train_steps, 1),
-                             ('--num-eval-steps', args.num_eval_steps, 0), ('--start-epoch', args.start_epoch, 0),
-                             ('--train-crop-size', args.train_crop_size, 1),
-                             ('--val-crop-size', args.val_crop_size, 1),
-                             ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
+    """Refuse values that cannot work, before any data is read or any file written; return the custom
+    per-epoch learning rates (None without --custom-lr-values)."""
+    cli.check_at_least((('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                        ('--workers', args.workers, 0), ('--print-freq', args.print_freq, 1),
+                        ('--num-train-steps', args.num_train_steps, 1), ('--num-eval-steps', args.num_eval_steps, 0),
+                        ('--start-epoch', args.start_epoch, 0), ('--train-crop-size', args.train_crop_size, 1),
+                        ('--val-crop-size', args.val_crop_size, 1),
+                        ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
+    training.check_model_and_resume(args.model, args.resume)
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
     return custom_lr_table(args.lr, args.custom_lr_values, args.custom_lr_milestones, args.epochs)
 
 
-def hmp_config(args):
-    if not args.is_hmp:
-        return None
-    return devices.HmpConfig(args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level, args.hmp_verbose)
-
-
-def seed_everything(seed, deterministic):
-    torch.manual_seed(seed)
-    if deterministic:
-        random.seed(seed)
-        np.random.seed(seed)
-
-
-def build_model(args, num_classes):
-    try:
-        return models.create_model(args.model, num_classes=num_classes, pretrained=args.pretrained)
-    except models.ModelError as err:
-        flag = '--pretrained' if args.pretrained and 'unknown model' not in str(err) else '--model'
-        raise UsageError(f'{flag}: {err}') from None
+def set_epoch_lr(optimizer, lr_table, epoch):
+    """The custom schedule's learning rate for `epoch` (--custom-lr-values); StepLR's runs otherwise."""
+    if lr_table:
+        for group in optimizer.param_groups:
+            group['lr'] = lr_table[epoch]
 
 
 def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position=None):
     """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth; or, when a run stops
     mid-epoch (at `position`: samples of the epoch's order trained), to checkpoint.pth alone with what a
-    resume needs to continue exactly."""
-    with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
-        checkpoint = checkpoints.stamp({
-            'model': model_state,
-            'optimizer': optimizer_state,
-            'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
-            'epoch': epoch,
-            'args': checkpoints.plain_args(args),
-        }, args.model, num_classes)
-        latest = os.path.join(args.output_dir, 'checkpoint.pth')
-        if position is None:
-            checkpoints.save(checkpoint, os.path.join(args.output_dir, f'model_{epoch}.pth'), latest)
-        else:
-            checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
-            checkpoints.save(checkpoint, latest)
+    resume needs to continue exactly. Returns checkpoint.pth's path (None without --output-dir)."""
+    if not args.output_dir:
+        return None
+    latest = os.path.join(args.output_dir, 'checkpoint.pth')
+    paths = [latest] if position is not None else [os.path.join(args.output_dir, f'model_{epoch}.pth'), latest]
+    fields = {'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None, 'epoch': epoch,
+              'args': checkpoints.plain_args(args)}
+    training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields, paths,
+                             position=position)
     return latest
-
-
-def prepare_epoch(epoch, position, train_sampler, dev, batch_size, seed, rng_state=None):
-    """Set the data order and random state for an epoch: from its start (re-seeded when `seed` is given,
-    so that a resumed run repeats an uninterrupted one), or from `position` (samples of the epoch's order
-    already trained) after a mid-epoch stop. Returns the step the epoch starts at (for the log)."""
-    train_sampler.set_epoch(epoch, position)
-    if not position:
-        if seed is not None:
-            torch.manual_seed(data.epoch_seed(seed, epoch))
-        return 0
-    dev.set_rng_state(rng_state)
-    first_step = position // (batch_size * train_sampler.num_replicas)
-    if data.train_batches(len(train_sampler), batch_size):
-        print(f'Resuming epoch {epoch} at step {first_step} ({position} of its {train_sampler.dataset_len} '
-              'samples trained)')
-    else:
-        print(f'Resuming epoch {epoch} at its end (nothing left to train at --batch-size {batch_size} on '
-              f'{train_sampler.num_replicas} rank(s)): finishing it and going on with epoch {epoch + 1}')
-    return first_step
-
-
-def resume_position(checkpoint):
-    """(epoch, position) to continue from: the next epoch from its start, or, after a mid-epoch stop, that
-    epoch from `position` samples of its order (checkpoints of the first format stored a step number)."""
-    position = checkpoint.get('epoch_position')
-    if position is None and checkpoint.get('next_step'):
-        saved = checkpoint.get('args') or {}
-        position = checkpoint['next_step'] * saved.get('batch_size', 0) * saved.get('world_size', 1)
-    if position:
-        return checkpoint['epoch'], position
-    return checkpoint['epoch'] + 1, 0
-
-
-def stop_after_signal(stop, save, epoch, position=None, step=None):
-    """Save with `save(position)` (None for a complete epoch) and say where the run stopped and how long it took."""
-    started = time.time()
-    path = save(position)
-    where = f'epoch {epoch} (complete)'
-    if position is not None:
-        seen = f', signal seen at step {stop.seen_at_step}' if stop.seen_at_step is not None else ''
-        where = f'epoch {epoch} after step {step} ({position} samples{seen})'
-    if path is None:
-        print(f'Stopped by {stop.signal_name}; no --output-dir, so no checkpoint was written')
-        return
-    print(f'Stopped by {stop.signal_name}: saved {where} to {path} in {time.time() - started:.1f} s '
-          f'({time.time() - stop.received_at:.1f} s after the signal); continue with --resume {path}')
 
 
 def main(args):
     lr_table = check_args(args)
-    dev = devices.create(args.device, channels_last=args.channels_last, hmp=hmp_config(args),
-                         lazy_mode=args.run_lazy_mode)
-    checkpoints.prepare_output_dir(args.output_dir, writes=not args.test_only)
-    distributed.init_distributed_mode(args, dev.init_distributed)
-    dev.mark_points = devices.reference_mark_points(args.model, args.distributed)
+    dev, ranks = training.start(args.device, output_dir=args.output_dir, writes=not args.test_only,
+                                dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=args.channels_last,
+                                hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
+                                                        args.hmp_verbose),
+                                lazy_mode=args.run_lazy_mode)
+    vars(args).update(ranks._asdict())  # for print(args) and the checkpoints, as upstream's init_distributed_mode
+    dev.mark_points = devices.reference_mark_points(args.model, ranks.distributed)
     print(args)
-    seed_everything(args.seed, args.deterministic)
+    training.seed_everything(args.seed, args.deterministic)
 
-    num_classes, train_sampler, data_loader, data_loader_test = data_loaders(
-        args, dev, args.seed if args.deterministic else None)
+    dataset = load_data(args.data_path, args, dev, ranks)
+    args.dl_worker_type = dataset.kind  # the loader that really runs, for the checkpoints
+    data_loader, data_loader_test, train_sampler = dataset.train, dataset.val, dataset.train_sampler
+    num_classes = len(dataset.classes)
 
     print('Creating model')
-    model = dev.prepare_model(build_model(args, num_classes))
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained), args.sync_bn,
+                                 ranks.distributed)
 
     criterion = nn.CrossEntropyLoss()
-    optimizer = dev.make_optimizer(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                   weight_decay=args.weight_decay)
-    dev.after_optimizer_created(model, optimizer)
+    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay)
     lr_scheduler = None if lr_table else torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
 
-    model_without_ddp = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, **dev.ddp_kwargs(args.model))
-        model_without_ddp = model.module
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
 
-    resume_at, rng_state = 0, None
+    resumed = training.NOT_RESUMED
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
-        dev.load_training_state(model_without_ddp, optimizer, checkpoint['model'], checkpoint['optimizer'])
-        if lr_scheduler is not None and checkpoint['lr_scheduler'] is not None:
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        args.start_epoch, resume_at = resume_position(checkpoint)
-        rng_state = checkpoint.get('rng_state')
+        resumed = training.resume(checkpoint, args.resume, dev, model_without_ddp, optimizer, lr_scheduler, 'model')
+        args.start_epoch = resumed.start_epoch
 
     if args.test_only:
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
         return
 
     print('Start training')
-    stop = utils.GracefulStop(args.distributed, args.dist_timeout)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
 
     def save(position):
-        if not args.output_dir:
-            return None
         return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position)
 
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
-        if lr_table:
-            for group in optimizer.param_groups:
-                group['lr'] = lr_table[epoch]
-        position = resume_at if epoch == args.start_epoch else 0
-        first_step = prepare_epoch(epoch, position, train_sampler, dev, args.batch_size,
-                                   args.seed if args.deterministic else None, rng_state)
+        first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size,
+                                          args.seed if args.deterministic else None)
+        set_epoch_lr(optimizer, lr_table, epoch)
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
-                                             args, stop, first_step)
+                                             dl_time_exclude=args.dl_time_exclude,
+                                             num_train_steps=args.num_train_steps, stop=stop, first_step=first_step)
         images_trained += images
-        if stopped_at is not None:
-            position = train_sampler.position_after(stopped_at - first_step, args.batch_size)
-            if position < train_sampler.dataset_len:  # a stop on the epoch's last step ends the epoch first
-                return stop_after_signal(stop, save, epoch, position, stopped_at - 1)
+        position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
+        if position is not None:
+            return training.stop_and_save(stop, save, epoch, position, stopped_at - 1)
         if lr_scheduler is not None:
             lr_scheduler.step()
-        utils.broadcast_buffers(model_without_ddp)
+        distributed.broadcast_buffers(model_without_ddp)
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop)
-        if args.output_dir and args.save_checkpoint:
-            save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes)
+        if args.save_checkpoint:
+            save(None)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
-            return stop_after_signal(stop, save, epoch)
+            return training.stop_and_save(stop, save, epoch)
 
     total_time = time.time() - start_time
-    if args.distributed:
-        print(f'| rank {args.rank}: trained on {images_trained} images', force=True)
+    if ranks.distributed:
+        distributed.say(f'| rank {ranks.rank}: trained on {images_trained} images')  # one write: mpirun merges ranks
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 
 def get_args_parser(add_help=True):
-    parser = utils.ArgumentParser(description='PyTorch Classification Training', add_help=add_help)
-    bool_arg = utils.parse_bool
+    parser = cli.ArgumentParser(description='PyTorch Classification Training', add_help=add_help)
+    bool_arg = cli.parse_bool
 
     parser.add_argument('--data-path', default='/software/data/pytorch/imagenet/ILSVRC2012/', help='dataset')
     parser.add_argument('--dl-time-exclude', default='True', type=bool_arg,
@@ -398,8 +272,6 @@ def get_args_parser(add_help=True):
                         help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
                              'fast JPEG pipeline where it is not installed; FAST: the fast JPEG pipeline')
     parser.add_argument('-j', '--workers', default=10, type=int, metavar='N', help='number of data loading workers')
-    parser.add_argument('--process-per-node', default=8, type=int, metavar='N', help='number of processes per node')
-    parser.add_argument('--hls_type', default='HLS1', help='type of HLS (parsed, not used)')
     parser.add_argument('--lr', default=0.1, type=float, help='initial learning rate')
     parser.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum')
     parser.add_argument('--wd', '--weight-decay', default=1e-4, type=float, metavar='W',
@@ -425,7 +297,7 @@ def get_args_parser(add_help=True):
                         help='Use pre-trained models from the modelzoo')
     parser.add_argument('--apex', action='store_true', help='Use apex for mixed precision training (not supported)')
     parser.add_argument('--apex-opt-level', default='O1', type=str, help='apex opt level (not used)')
-    parser.add_argument('--world-size', default=1, type=int, help='number of distributed processes (set by the launcher)')
+    parser.add_argument('--world-size', default=1, type=int, help='number of distributed processes (the launcher\'s variables decide; recorded in the args)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
     distributed.add_timeout_flag(parser)
     parser.add_argument('--num-train-steps', type=int, default=sys.maxsize, metavar='T',
@@ -437,26 +309,14 @@ def get_args_parser(add_help=True):
                         help='run model in lazy execution mode (hpu; True/False)')
     parser.add_argument('--deterministic', action='store_true',
                         help='seed every RNG and each sample\'s augmentation, so runs repeat exactly')
-    add_hmp_args(parser, bf16_default='', fp32_default='')
-    add_image_size_args(parser)
+    cli.add_hmp_args(parser, bf16_default='', fp32_default='')
+    cli.add_image_size_args(parser)
+    ignored = cli.compatibility_group(parser)
+    ignored.add_argument('--process-per-node', default=8, type=int, metavar='N',
+                         help='processes per node: the launcher (mpirun, torchrun) places the ranks')
+    ignored.add_argument('--hls_type', default='HLS1', help='type of HLS: the launcher places the ranks')
     return parser
 
 
-def add_hmp_args(parser, bf16_default, fp32_default):
-    """Habana mixed precision flags, shared by both trainers (they differ only in the defaults)."""
-    parser.add_argument('--hmp', dest='is_hmp', action='store_true', help='enable hmp mode')
-    parser.add_argument('--hmp-bf16', default=bf16_default, help='path to bf16 ops list in hmp O1 mode')
-    parser.add_argument('--hmp-fp32', default=fp32_default, help='path to fp32 ops list in hmp O1 mode')
-    parser.add_argument('--hmp-opt-level', default='O1', help='choose optimization level for hmp')
-    parser.add_argument('--hmp-verbose', action='store_true', help='enable verbose mode for hmp')
-
-
-def add_image_size_args(parser):
-    """Added (upstream torchvision 0.12+ names and the reference sizes), so small images and quick runs work."""
-    parser.add_argument('--train-crop-size', default=224, type=int, help='RandomResizedCrop size')
-    parser.add_argument('--val-resize-size', default=256, type=int, help='validation resize size')
-    parser.add_argument('--val-crop-size', default=224, type=int, help='validation center crop size')
-
-
 if __name__ == '__main__':
-    utils.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())
+    cli.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())

@@ -20,10 +20,12 @@ import tempfile
 import time
 
 import torch
+from torch.utils.data import BatchSampler
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import samplers  # noqa: E402
 import devices  # noqa: E402
 import fast_jpeg  # noqa: E402
 import sample_data  # noqa: E402
@@ -50,15 +52,23 @@ def build(root, args, dev):
     train = data.image_folder(os.path.join(root, 'train'), data.train_transform(224))
     val = data.image_folder(os.path.join(root, 'val'), data.eval_transform(256, 224))
     train_sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
-    val_sampler = data.ShardedEvalSampler(len(val))
-    reference = data.build_loaders('MP', train, val, train_sampler, val_sampler, args.batch_size, args.workers, dev)
-    fast = fast_jpeg.build_loaders(train, val, train_sampler, val_sampler, args.batch_size, args.workers, dev)
+    val_sampler = samplers.ShardedEvalSampler(len(val))
+    options = dict(pin_memory=dev.pin_memory(), start_method=dev.worker_start_method)
+    reference = tuple(data.make_loader(ds, args.batch_size, sampler, args.workers, dev.pin_memory(), is_train,
+                                       dev.worker_start_method)
+                      for ds, sampler, is_train in ((train, train_sampler, True), (val, val_sampler, False)))
+    fast = (fast_jpeg.batch_loader(fast_jpeg.TrainBatches(list(train.samples), 224, seed=0),
+                                   samplers.EpochBatchSampler(train_sampler, args.batch_size), args.workers, **options),
+            fast_jpeg.batch_loader(fast_jpeg.EvalBatches(list(val.samples), 256, 224),
+                                   BatchSampler(val_sampler, args.batch_size, drop_last=False), args.workers, **options))
+    if args.to_device:  # the fast pipeline's uint8 batches become normalised float on the device, as in training
+        fast = tuple(fast_jpeg.NormalizedOnDevice(loader, dev.torch_device) for loader in fast)
     pipelines = {'train': {'reference': (reference[0], train_sampler), 'fast': (fast[0], train_sampler)},
                  'val': {'reference': (reference[1], val_sampler), 'fast': (fast[1], val_sampler)}}
     if fast_jpeg.REGION_DECODER is not None:
         whole = fast_jpeg.TrainBatches(train.samples, 224, seed=0, region_decode=False)
-        batches = fast_jpeg.EpochBatchSampler(train_sampler, args.batch_size)
-        pipelines['train']['fast, whole decode'] = (fast_jpeg.batch_loader(whole, batches, args.workers, dev),
+        batches = samplers.EpochBatchSampler(train_sampler, args.batch_size)
+        pipelines['train']['fast, whole decode'] = (fast_jpeg.batch_loader(whole, batches, args.workers, **options),
                                                     train_sampler)
     return pipelines
 
@@ -88,7 +98,8 @@ def epoch_rate(loader, sampler, epoch, dev):
             image, target = dev.to_device(image, target)
         images += image.shape[0]
     wall = time.perf_counter() - start
-    cpu = workers_cpu_seconds() - cpu_start if loader.num_workers else time.process_time() - own_start
+    workers = getattr(loader, 'loader', loader).num_workers  # NormalizedOnDevice wraps a DataLoader
+    cpu = workers_cpu_seconds() - cpu_start if workers else time.process_time() - own_start
     return images / wall, images / max(cpu, 1e-9)
 
 

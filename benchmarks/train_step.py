@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 
 import torch
 import torch.nn as nn
@@ -36,7 +35,9 @@ import devices  # noqa: E402
 import fast_jpeg  # noqa: E402
 import model as models  # noqa: E402
 import sample_data  # noqa: E402
+import samplers  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 from machine import cpu_capability, cpu_capability_tag, describe  # noqa: E402  (benchmarks/machine.py)
 
 # name: (channels_last, hmp)
@@ -80,11 +81,12 @@ def synthetic_batches(args):
 
 
 def jpeg_batches(root, args, dev):
-    """Training batches of the fast pipeline over root/train, epoch after epoch."""
+    """uint8 training batches of the fast pipeline over root/train, epoch after epoch."""
     dataset = data.image_folder(os.path.join(root, 'train'), None)
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
-    loader, _ = fast_jpeg.build_loaders(dataset, dataset, sampler, data.ShardedEvalSampler(0), args.batch_size,
-                                        args.workers, dev, crop_size=args.image_size)
+    loader = fast_jpeg.batch_loader(fast_jpeg.TrainBatches(list(dataset.samples), args.image_size, seed=0),
+                                    samplers.EpochBatchSampler(sampler, args.batch_size), args.workers,
+                                    dev.pin_memory(), dev.worker_start_method)
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from loader
@@ -115,19 +117,19 @@ class Workload:
     def __init__(self, args, channels_last, hmp, batches_for):
         self.dev = devices.create(args.device, channels_last=channels_last, hmp=op_lists() if hmp else None)
         torch.manual_seed(0)
-        self.model = self.dev.prepare_model(models.create_model(args.model, num_classes=1000))
+        self.model = training.place_model(self.dev, models.create_model(args.model, num_classes=1000))
         self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = self.dev.make_optimizer(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        self.dev.after_optimizer_created(self.model, self.optimizer)
+        self.optimizer = training.make_optimizer(self.dev, self.model, lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.batches = batches_for(self.dev)
         self.batch_size = args.batch_size
 
     def project_steps(self, steps):
-        """`steps` steps of train.train_one_epoch, its log lines silenced."""
-        args = types.SimpleNamespace(dl_time_exclude=True, num_train_steps=steps)
+        """`steps` steps of train.train_one_epoch, on batches normalised on the device as the fast pipeline
+        does it, its log lines silenced."""
+        batches = fast_jpeg.NormalizedOnDevice(Steps(self.batches, steps), self.dev.torch_device)
         with open(os.devnull, 'w') as sink, contextlib.redirect_stdout(sink):
-            train.train_one_epoch(self.model, self.criterion, self.optimizer, Steps(self.batches, steps), self.dev,
-                                  0, 10 ** 9, args)
+            train.train_one_epoch(self.model, self.criterion, self.optimizer, batches, self.dev, 0, 10 ** 9,
+                                  num_train_steps=steps)
 
     def bare_steps(self, steps, precision=None):
         """The same steps as a plain PyTorch loop: normalise on the device, forward, backward, SGD."""

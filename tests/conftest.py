@@ -58,11 +58,36 @@ def script_env(**extra):
     return env
 
 
+_current_test = [None]
+
+
+@pytest.fixture(autouse=True)
+def _note_current_test(request):
+    _current_test[0] = request.node
+    yield
+    _current_test[0] = None
+
+
+def require_slow_tier(cmd):
+    """Keep the quick tier (-m "not slow") in-process: a test that starts a process must be marked slow, and one
+    that starts mpirun (directly or through a demo wrapper with 2+ ranks) also mpi."""
+    node = _current_test[0]
+    if node is None:
+        return
+    words = [str(word) for word in cmd]
+    if node.get_closest_marker('slow') is None:
+        pytest.fail(f'{node.name} starts a process ({" ".join(words[:3])} ...): mark it @pytest.mark.slow')
+    multi_rank = 'mpirun' in words or any(a == '--world-size' and b != '1' for a, b in zip(words, words[1:]))
+    if multi_rank and node.get_closest_marker('mpi') is None:
+        pytest.fail(f'{node.name} starts mpirun: mark it @pytest.mark.mpi as well')
+
+
 def run_script(args, timeout=300, cwd=REPO, env=None):
     """Run `python <args>` (or a full command when args[0] is not a .py file) and capture output.
 
     The command gets its own process group, so a timeout ends everything it started (mpirun's ranks too).
     """
+    require_slow_tier(args)
     cmd = [sys.executable] + list(args) if str(args[0]).endswith('.py') else list(args)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -78,6 +103,7 @@ def run_script(args, timeout=300, cwd=REPO, env=None):
 def start_process(args, **env):
     """Start `python <args>` (or a full command when args[0] is not a .py file) in a session of its own, as a
     batch system starts a job (its process group is its pid), with stdout and stderr merged into one pipe."""
+    require_slow_tier(args)
     cmd = [sys.executable] + list(args) if str(args[0]).endswith('.py') else list(args)
     return subprocess.Popen(cmd, cwd=REPO, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

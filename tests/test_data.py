@@ -15,26 +15,30 @@ from conftest import TINY_IMAGES, run_script
 
 import data
 import devices
+import distributed
 import fast_jpeg
+import loaders
 import main as googlenet
 import train
-from utils import UsageError
+from cli import UsageError
 
 CROP, RESIZE, VAL_CROP = 32, 40, 32  # TINY_IMAGES
 
 
+ONE_RANK = distributed.Ranks(rank=0, world_size=1, local_rank=0, distributed=False)
+
+
 def parsed_args(root, *extra, parser=train.get_args_parser):
-    args = parser().parse_args(['--data-path', root, '--device', 'cpu', '--workers', '0', '--dl-worker-type', 'MP',
+    return parser().parse_args(['--data-path', root, '--device', 'cpu', '--workers', '0', '--dl-worker-type', 'MP',
                                 *extra])
-    args.rank, args.world_size = 0, getattr(args, 'world_size', 1)
-    return args
 
 
 def load(root, *extra):
-    """train.py's data set-up (no loaders): (train dataset, val dataset)."""
+    """train.py's datasets (no loaders) with its flags: (train dataset, val dataset)."""
     args = parsed_args(root, *TINY_IMAGES, *extra)
-    dataset, dataset_test, _, _ = train.load_data(os.path.join(root, 'train'), os.path.join(root, 'val'), args)
-    return dataset, dataset_test
+    cache_dir = data.dataset_cache_dir(args.output_dir) if args.cache_dataset else None
+    return loaders.load_datasets(root, train_crop_size=args.train_crop_size, val_resize_size=args.val_resize_size,
+                                 val_crop_size=args.val_crop_size, cache_dir=cache_dir)
 
 
 def labels_by_class(dataset):
@@ -71,9 +75,9 @@ def test_val_class_unknown_to_train_is_refused_before_any_scan(fresh_dataset, ca
     add_class(val_dir, 'class_zz', os.path.join(val_dir, 'class_00', 'val_00_00000.JPEG'))
     with pytest.raises(UsageError) as raised:
         if trainer == 'train.py':
-            train.data_loaders(parsed_args(root, *TINY_IMAGES), devices.create('cpu'))
+            train.load_data(root, parsed_args(root, *TINY_IMAGES), devices.create('cpu'), ONE_RANK)
         else:
-            googlenet.data_loaders(parsed_args(root, parser=googlenet.get_args_parser), devices.create('cpu'))
+            googlenet.load_data(parsed_args(root, parser=googlenet.get_args_parser), devices.create('cpu'), ONE_RANK)
     message = str(raised.value)
     assert "'class_zz'" in message and val_dir in message and train_dir in message and '\n' not in message
     assert 'Loading training data' not in capsys.readouterr().out  # refused before the (long) file scan

@@ -2,6 +2,9 @@
 commands written by hand from spec 1.6 and 2.2-2.3), and real launches through OpenMPI's mpirun on a
 small JPEG folder.
 """
+import contextlib
+import importlib
+import io
 import os
 import shlex
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_IMAGES, run_script, script_env
+import cli
 import launcher
 
 PY = sys.executable
@@ -94,8 +98,8 @@ def googlenet(batch, lr, workers, loader, bf16):
     return (f'{MAIN} --batch-size={batch} --data-path={DATA} --dataset-type=Imagenet --device=hpu '
             f'--dl-worker-type={loader} --epochs=90 --learning-rate={lr} --lr-step-size=30 --lr-gamma=0.1 '
             f'--momentum=0.9 --print-interval=20 --save-checkpoint=10 --start-epoch=0 --weight-decay=0.0001 '
-            f'--workers={workers} {NO_STEP_LIMIT} ' + (GOOGLENET_BF16 + ' ' if bf16 else '')
-            + '--enable-lazy --no-aux-logits')
+            f'--workers={workers} ' + (GOOGLENET_BF16 + ' ' if bf16 else '')
+            + f'--enable-lazy {NO_STEP_LIMIT} --no-aux-logits')
 
 
 LR_1X = '--custom-lr-values 0.1 0.01 0.001 0.0001 --custom-lr-milestones 0 30 60 80'
@@ -150,8 +154,33 @@ def run_shell(command, env, cwd=REPO, timeout=120):
     return subprocess.run(['bash', '-c', command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_demo_in_process(script, args, env, cwd=REPO):
+    """`python <script> args` run inside the test process as its __main__ block runs it, with `env` as the
+    environment and `cwd` as the folder: (exit status, stdout, stderr). For dry runs and bad input, which start
+    nothing; real launches go through run_script."""
+    module = importlib.import_module(script[:-3])
+    saved_env, saved_cwd, saved_argv0 = dict(os.environ), os.getcwd(), sys.argv[0]
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv[0] = os.path.join(REPO, script)  # argparse names the script in its errors
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.run_cli(launcher.launch_demo, module.build_parser(), module.trainer_args, module.TRAINER,
+                               module.PRINT_NAMESPACE, list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv[0] = saved_argv0
+    return subprocess.CompletedProcess([script, *args], code or 0, out.getvalue(), err.getvalue())
+
+
 def dry_run(script, *args, env=None, cwd=REPO):
-    result = run_script([os.path.join(REPO, script), *args, '--dry-run'], cwd=cwd, env=env or golden_env())
+    result = run_demo_in_process(script, [*args, '--dry-run'], env or golden_env(), cwd)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -160,6 +189,7 @@ def printed_command(result):
     return result.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('example', sorted(EXPECTED))
 def test_readme_example_runs_verbatim_and_builds_the_original_command(example):
     result = run_shell(README[example] + ' --dry-run', golden_env())
@@ -187,7 +217,7 @@ def test_every_readme_command_has_a_golden_or_a_real_launch():
     ('demo_googlenet.py', f'{MAIN} --batch-size=256 --data-path={DEFAULT_DATA} --dataset-type=Imagenet --device=hpu '
                           '--dl-worker-type=MP --epochs=90 --learning-rate=0.1 --lr-step-size=30 --lr-gamma=0.1 '
                           '--momentum=0.9 --print-interval=1 --save-checkpoint=10 --start-epoch=0 '
-                          f'--weight-decay=0.0001 --workers=10 {NO_STEP_LIMIT}'),
+                          f'--weight-decay=0.0001 --workers=10 {NO_STEP_LIMIT}'),  # eager: nothing between
 ], ids=['resnet', 'mobilenet', 'googlenet'])
 def test_defaults_are_the_originals(script, expected):
     assert printed_command(dry_run(script)) == expected
@@ -212,9 +242,10 @@ def test_googlenet_short_options_and_every_optional_flag():
     assert printed_command(result) == (
         f'{MAIN} --batch-size=4 --data-path=/d --dataset-type=Imagenet --device=cpu --dl-worker-type=HABANA '
         '--epochs=90 --learning-rate=0.3 --lr-step-size=30 --lr-gamma=0.1 --momentum=0.9 --print-interval=5 '
-        f'--save-checkpoint=5 --start-epoch=0 --weight-decay=0.001 --workers=2 {NO_STEP_LIMIT} --model=resnet18 '
+        '--save-checkpoint=5 --start-epoch=0 --weight-decay=0.001 --workers=2 --model=resnet18 '
         f'--amp --hmp --hmp-bf16 {REPO}/ops_bf16_googlenet.txt --hmp-fp32 {REPO}/ops_fp32_googlenet.txt '
-        '--hmp-opt-level=O2 --hmp-verbose --evaluate --enable-lazy --pretrained --resume=r.pth --seed=1')
+        f'--hmp-opt-level=O2 --hmp-verbose --evaluate --enable-lazy {NO_STEP_LIMIT} --pretrained --resume=r.pth '
+        '--seed=1')
 
 
 @pytest.mark.parametrize('script, flag', [('demo_mobilenet.py', '--dist'), ('demo_googlenet.py', '--distributed')])
@@ -269,7 +300,7 @@ def test_more_ranks_than_cores_runs_oversubscribed_and_says_so_in_one_line():
 ], ids=['lone-lr-list', 'malformed-lr', 'uneven-hosts', 'bad-bool'])
 def test_bad_input_is_one_line_naming_the_flag(script, args, error):
     # --dry-run as well: should the error not come, nothing may try to reach the hosts
-    result = run_script([script, *args, '--data-path', '/d', '--dry-run'], env=clean_env(MULTI_HLS_IPS=TWO_HOSTS))
+    result = run_demo_in_process(script, [*args, '--data-path', '/d', '--dry-run'], clean_env(MULTI_HLS_IPS=TWO_HOSTS))
     assert (result.returncode, result.stderr) == (2, error + '\n')
     assert '--dry-run: nothing was started' not in result.stdout
 
@@ -296,6 +327,8 @@ def assert_trained_on_two_ranks(result):
     assert ' * Acc@1 ' in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_demo_resnet_trains_on_two_ranks_through_mpirun(jpeg_dataset, tmp_path):
     needs_two_cores()
     result = run_demo_elsewhere(tmp_path, 'demo_resnet.py', '--world-size', '2', '--model', 'resnet18',
@@ -305,6 +338,8 @@ def test_demo_resnet_trains_on_two_ranks_through_mpirun(jpeg_dataset, tmp_path):
     assert 'world_size=2' in result.stdout and 'lr: 0.2 ' in result.stdout  # the custom schedule reached train.py
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_demo_mobilenet_trains_on_two_ranks_through_mpirun_in_bf16(jpeg_dataset, tmp_path):
     needs_two_cores()
     result = run_demo_elsewhere(tmp_path, 'demo_mobilenet.py', '--world-size', '2', '--data-path', jpeg_dataset,
@@ -314,6 +349,8 @@ def test_demo_mobilenet_trains_on_two_ranks_through_mpirun_in_bf16(jpeg_dataset,
     assert 'run_lazy_mode=False' in result.stdout and 'lr: 0.05 ' in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_demo_googlenet_trains_on_two_ranks_through_mpirun_in_bf16(jpeg_dataset, tmp_path):
     needs_two_cores()
     result = run_demo_elsewhere(tmp_path, 'demo_googlenet.py', '--world-size', '2', '--device', 'cpu', '-b', '4',
@@ -323,6 +360,8 @@ def test_demo_googlenet_trains_on_two_ranks_through_mpirun_in_bf16(jpeg_dataset,
     assert f"is_hmp=True, hmp_bf16='{REPO}/ops_bf16_googlenet.txt'" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_readme_manual_mpirun_example_trains_on_cpu(jpeg_dataset):
     """Multinode example iv, run from the repository as the README says, sized for this machine (2 ranks of one
     core instead of 8 of 7), on CPU, with the step limits and small crops appended (train.py: last flag wins)."""
@@ -336,6 +375,8 @@ def test_readme_manual_mpirun_example_trains_on_cpu(jpeg_dataset):
     assert 'lr: 0.1 ' in result.stdout and ' * Acc@1 ' in result.stdout  # epoch 0 is before the first milestone
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_failing_trainer_under_oversubscribed_mpirun_fails_the_wrapper(tmp_path):
     """Two ranks on what the launcher is told is one core: the unbound line really starts both ranks."""
     result = run_demo_elsewhere(tmp_path, 'demo_resnet.py', '--world-size', '2', '--data-path',
@@ -346,6 +387,7 @@ def test_failing_trainer_under_oversubscribed_mpirun_fails_the_wrapper(tmp_path)
     assert result.stderr.count(f"error: --data-path: '{tmp_path / 'missing'}' does not exist") == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['demo_resnet.py', 'demo_mobilenet.py', 'demo_googlenet.py'])
 def test_wrapper_exit_status_is_the_trainers(script, tmp_path):
     args = ['--world-size', '1', '--device', 'cpu', '--data-path', str(tmp_path / 'missing')]

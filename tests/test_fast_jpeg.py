@@ -18,6 +18,7 @@ from conftest import TINY_IMAGES, run_script
 import data
 import devices
 import fast_jpeg
+import samplers
 
 CROP, RESIZE, VAL_CROP = 32, 40, 32  # TINY_IMAGES
 
@@ -27,12 +28,18 @@ def folders(root):
             torchvision.datasets.ImageFolder(os.path.join(root, 'val')))
 
 
-def loaders(root, batch_size=8, workers=0, seed=3, num_replicas=1, rank=0):
+def loaders(root, batch_size=8, workers=0, seed=3, num_replicas=1, rank=0, normalised=False):
+    """(train loader, val loader, train sampler) of the fast pipeline; the loaders' uint8 batches, or with
+    `normalised` the float batches NormalizedOnDevice makes of them, as training reads them."""
     train, val = folders(root)
     sampler = DistributedSampler(train, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-    test_sampler = data.ShardedEvalSampler(len(val), num_replicas, rank)
-    train_loader, val_loader = fast_jpeg.build_loaders(train, val, sampler, test_sampler, batch_size, workers,
-                                                       devices.create('cpu'), CROP, RESIZE, VAL_CROP, seed)
+    test_sampler = samplers.ShardedEvalSampler(len(val), num_replicas, rank)
+    dev = devices.create('cpu')
+    built = fast_jpeg.build_loaders(train, val, sampler, test_sampler, batch_size=batch_size, workers=workers,
+                                    device=dev.torch_device, pin_memory=dev.pin_memory(),
+                                    start_method=dev.worker_start_method, crop_size=CROP, resize_size=RESIZE,
+                                    val_crop_size=VAL_CROP, seed=seed)
+    train_loader, val_loader = built if normalised else (loader.loader for loader in built)
     return train_loader, val_loader, sampler
 
 
@@ -67,10 +74,10 @@ def test_batches_are_uint8_channels_last_with_int64_targets(jpeg_dataset):
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_device_layer_normalises_the_uint8_batch_like_the_reference(jpeg_dataset):
-    _, val_loader, _ = loaders(jpeg_dataset, batch_size=4)
-    images, targets = next(iter(val_loader))
-    normalised, _ = devices.create('cpu').to_device(images, targets)
+def test_uint8_batches_are_normalised_on_the_device_like_the_reference(jpeg_dataset):
+    _, val_loader, _ = loaders(jpeg_dataset, batch_size=4, normalised=True)
+    normalised, _ = next(iter(val_loader))
+    assert len(val_loader) == 5 and normalised.is_contiguous(memory_format=torch.channels_last)
     reference = data.eval_transform(RESIZE, VAL_CROP)(Image.open(folders(jpeg_dataset)[1].samples[0][0]).convert('RGB'))
     assert normalised.dtype == torch.float32
     assert torch.allclose(normalised[0], reference, atol=1.01 / 255 / 0.224)  # one grey level
@@ -92,9 +99,9 @@ def test_each_rank_reads_its_own_shard(jpeg_dataset):
     for rank in range(2):
         sampler = DistributedSampler(train, num_replicas=2, rank=rank, shuffle=True, seed=5)
         sampler.set_epoch(3)
-        keys = list(fast_jpeg.EpochBatchSampler(sampler, 8))
+        keys = list(samplers.EpochBatchSampler(sampler, 8))
         assert {epoch for epoch, _ in keys} == {3}
-        assert [batch for _, batch in keys] == list(data.TrainBatchSampler(sampler, 8))
+        assert [batch for _, batch in keys] == list(samplers.TrainBatchSampler(sampler, 8))
         shards.append({i for _, batch in keys for i in batch})
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == len(train)
 
@@ -112,7 +119,7 @@ def ks_statistic(a, b):
 @pytest.mark.parametrize('height,width', [(375, 500), (64, 48), (60, 400)])
 def test_crop_boxes_follow_torchvision_distribution(height, width):
     n = 4000
-    ours = np.array([fast_jpeg.random_resized_crop_box(height, width, np.random.default_rng(data.sample_seed(0, 0, i)))
+    ours = np.array([fast_jpeg.random_resized_crop_box(height, width, np.random.default_rng(samplers.sample_seed(0, 0, i)))
                      for i in range(n)])
     torch.manual_seed(0)
     picture = torch.empty(3, height, width)
@@ -177,7 +184,7 @@ def test_imagenet_sized_validation_pixels_equal_the_reference(imagenet_like):
 
 def expected_train_pixels(path, seed, epoch, index, size):
     """torchvision's resized_crop + flip of the box and flip the fast pipeline draws for this sample."""
-    rng = np.random.default_rng(data.sample_seed(seed, epoch, index))
+    rng = np.random.default_rng(samplers.sample_seed(seed, epoch, index))
     with Image.open(path) as img:
         img = img.convert('RGB')
         box = fast_jpeg.random_resized_crop_box(img.height, img.width, rng)
@@ -293,6 +300,7 @@ def train_losses(output):
             if line.startswith('Epoch: [0]') and 'loss: ' in line]
 
 
+@pytest.mark.slow
 def test_train_py_runs_with_the_fast_pipeline_whatever_the_workers(jpeg_dataset, tmp_path):
     runs = {}
     for workers in (0, 2):

@@ -1,7 +1,6 @@
 """main.py (the GoogLeNet trainer) end to end on CPU: real JPEG folders, real subprocesses, real
 mpirun with two gloo ranks (through demo_googlenet.py), real checkpoints read back with weights_only
 into torchvision's googlenet; and its HPU step order through the SDK double (conftest)."""
-import argparse
 import os
 import re
 import sys
@@ -93,14 +92,15 @@ def test_hpu_lazy_step_cuts_the_graph_like_the_original_and_steps_without_casts(
     optimizer = dev.make_optimizer(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loader = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
     sdk.CALLS.clear()
-    main.train(loader, model, nn.CrossEntropyLoss(), optimizer, 0, dev,
-               argparse.Namespace(print_interval=1, num_train_steps=1))
+    main.train(loader, model, nn.CrossEntropyLoss(), optimizer, 0, dev, 1, num_train_steps=1)
     assert sdk.CALLS == ['mark_step', 'forward', 'backward', 'mark_step',
                          'hmp.disable_casts:enter', 'optimizer_step', 'hmp.disable_casts:exit', 'mark_step']
 
 
 # --- real runs ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.mpi
 @pytest.mark.parametrize('aux', [True, False], ids=['aux-logits', 'no-aux-logits'])
 def test_demo_runs_two_ranks_under_mpirun_evaluates_exactly_and_saves_a_torchvision_checkpoint(
         jpeg_dataset, tmp_path, aux):
@@ -126,6 +126,7 @@ def test_demo_runs_two_ranks_under_mpirun_evaluates_exactly_and_saves_a_torchvis
     assert len(checkpoint['state_dict']) == (364 if aux else 344)  # spec-torchvision section 4
 
 
+@pytest.mark.slow
 def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path):
     # Every second epoch, into the current directory.
     first = run_main(jpeg_dataset, tmp_path, '--epochs', '3', '--save-checkpoint', '2', '--seed', '1',
@@ -171,6 +172,7 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar'}
 
 
+@pytest.mark.slow
 def test_resume_with_the_other_aux_setting_is_one_clear_error(jpeg_dataset, tmp_path):
     run_main(jpeg_dataset, tmp_path, '--epochs', '1', '--num-train-steps', '1')
     result = run_main(jpeg_dataset, tmp_path, '--no-aux-logits', '--evaluate',
@@ -199,6 +201,7 @@ def train_line_pattern(epoch, with_compute_rate):
     return re.compile(rf'^Epoch: \[{epoch}\]\[(?P<i>\d)/6\]\t' + '\t'.join(fields) + '$', flags=re.M)
 
 
+@pytest.mark.slow
 def test_progress_lines_every_step_with_warm_up_left_out_of_the_averages(jpeg_dataset, tmp_path):
     log = run_main(jpeg_dataset, tmp_path, '--epochs', '1', '--num-train-steps', '3', '--print-interval', '1',
                    '--save-checkpoint', '0').stdout
@@ -217,6 +220,7 @@ def test_progress_lines_every_step_with_warm_up_left_out_of_the_averages(jpeg_da
     assert not list(tmp_path.iterdir())  # --save-checkpoint 0 saves nothing
 
 
+@pytest.mark.slow
 def test_progress_lines_at_a_print_interval(jpeg_dataset, tmp_path):
     log = run_main(jpeg_dataset, tmp_path, '--epochs', '2', '--num-train-steps', '2', '--print-interval', '2',
                    '--save-checkpoint', '0').stdout

@@ -3,7 +3,6 @@
 The double stands in for habana_frameworks only; everything under test (devices.HPUDevice,
 train.train_one_epoch, the permutation helpers) is the project's real code.
 """
-import argparse
 import os
 
 import pytest
@@ -13,9 +12,9 @@ import torchvision
 
 from conftest import REPO, TINY_IMAGES, HPUDeviceOnCPU, run_script
 
+import cli
 import devices
 import train
-import utils
 
 BF16_OPS = os.path.join(REPO, 'ops_bf16_Resnet.txt')
 FP32_OPS = os.path.join(REPO, 'ops_fp32_Resnet.txt')
@@ -42,9 +41,8 @@ def one_step_calls(sdk, model_name, distributed, lazy_mode=True):
     model.register_forward_pre_hook(lambda m, i: sdk.CALLS.append('forward'))
     optimizer = dev.make_optimizer(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loader = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
-    args = argparse.Namespace(dl_time_exclude=True, num_train_steps=1)
     sdk.CALLS.clear()
-    train.train_one_epoch(model, RecordingLoss(sdk.CALLS), optimizer, loader, dev, 0, 1, args)
+    train.train_one_epoch(model, RecordingLoss(sdk.CALLS), optimizer, loader, dev, 0, 1, num_train_steps=1)
     return list(sdk.CALLS)
 
 
@@ -93,15 +91,14 @@ def test_hmp_convert_gets_the_op_lists_and_the_step_runs_without_casts(sdk):
 def test_hmp_op_list_is_checked_before_the_bridge_sees_it(sdk, tmp_path):
     bad = tmp_path / 'ops.txt'
     bad.write_text('conv2d\nnot_an_op\n')
-    with pytest.raises(utils.UsageError, match="--hmp-bf16: 'not_an_op'"):
+    with pytest.raises(cli.UsageError, match="--hmp-bf16: 'not_an_op'"):
         HPUDeviceOnCPU(hmp=devices.HmpConfig(str(bad), FP32_OPS))
     assert not any(c[0] == 'hmp.convert' for c in sdk.CALLS if isinstance(c, tuple))
 
 
 def test_hccl_init_sets_the_local_rank_and_registers_the_backend(sdk):
     dev = HPUDeviceOnCPU()
-    args = argparse.Namespace(local_rank=3)
-    assert dev.init_distributed(args) == 'hccl'
+    assert dev.init_distributed(3) == 'hccl'
     assert ('hccl_registered', {'ID': '3', 'LOCAL_RANK': '3'}) in sdk.CALLS
 
 
@@ -133,7 +130,7 @@ def test_weights_and_momentum_go_filters_last_and_checkpoints_come_back_in_torch
 
     dev.load_training_state(model, optimizer, model_state, optimizer_state)
     assert model.conv1.weight.shape == (7, 7, 3, 64)
-    utils.permute_params(model, to_filters_last=False)
+    devices.permute_params(model, to_filters_last=False)
     assert all(torch.equal(model.state_dict()[k], kcrs_weights[k]) for k in kcrs_weights)
 
 
@@ -149,13 +146,14 @@ def test_no_permutation_when_the_bridge_permutes_itself_or_channels_last_is_off(
 def test_permutation_round_trip_is_exact():
     conv = nn.Conv2d(3, 8, 3)
     original = conv.weight.detach().clone()
-    utils.permute_params(conv, to_filters_last=True)
+    devices.permute_params(conv, to_filters_last=True)
     assert conv.weight.shape == (3, 3, 3, 8)
     assert torch.equal(conv.weight.detach(), original.permute(2, 3, 1, 0))
-    utils.permute_params(conv, to_filters_last=False)
+    devices.permute_params(conv, to_filters_last=False)
     assert torch.equal(conv.weight.detach(), original)
 
 
+@pytest.mark.slow
 def test_device_hpu_without_the_bridge_is_one_clear_line(jpeg_dataset, tmp_path):
     result = run_script(['train.py', '--device', 'hpu', '--data-path', jpeg_dataset, '--output-dir',
                          str(tmp_path), *TINY_IMAGES])

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 import launcher
 from launcher import Placement, Topology
-from utils import UsageError
+from cli import UsageError
 
 TRAINER = ['python', '/opt/demo/train.py', '--model=resnet50']
 HOST_56_CORES = Topology(cores=56, sockets=2)

@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
 
 import devices
+import cli
 import mixed_precision
-import utils
 
 OPS = {name: os.path.join(REPO, f'ops_{name}.txt') for name in
        ('bf16_Resnet', 'fp32_Resnet', 'bf16_Mobilenet', 'fp32_Mobilenet', 'bf16_googlenet', 'fp32_googlenet')}
@@ -92,10 +92,11 @@ def test_op_list_mistakes_are_clear_errors(tmp_path, content, message):
     path = tmp_path / 'ops.txt'
     if content is not None:
         path.write_text(content)
-    with pytest.raises(utils.UsageError, match=message):
+    with pytest.raises(cli.UsageError, match=message):
         devices.create('cpu', hmp=devices.HmpConfig(str(path), OPS['fp32_Resnet']))
 
 
+@pytest.mark.slow
 def test_train_py_with_hmp_trains_on_cpu(jpeg_dataset, tmp_path):
     result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path), '--device', 'cpu',
                          '--model', 'resnet18', '--batch-size', '8', '--workers', '0', '--epochs', '1',

@@ -11,9 +11,10 @@ import torch
 
 from conftest import REPO, TINY_IMAGES, mpirun_prefix, read_until, run_script, script_env, start_process
 
-import data
-import train
-import utils
+import cli
+import samplers
+import stopping
+import training
 
 # 4 classes x 12 train images: 12 steps of 4 on one rank, 6 per rank on two.
 REAL = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '5',
@@ -25,17 +26,17 @@ STOPPED = re.compile(r'Stopped by (SIG\w+): saved epoch (\d+) after step (\d+) \
 # --- the epoch position (in-process) --------------------------------------------------------------
 
 def shards(world_size, dataset_len, epoch, start=0, seed=3):
-    samplers = [data.TrainSampler(dataset_len, world_size, rank, seed) for rank in range(world_size)]
-    for sampler in samplers:
+    ranks = [samplers.TrainSampler(dataset_len, world_size, rank, seed) for rank in range(world_size)]
+    for sampler in ranks:
         sampler.set_epoch(epoch, start)
-    return samplers
+    return ranks
 
 
-def trained(samplers, batch_size, batches=None):
+def trained(ranks, batch_size, batches=None):
     """The samples each rank trains on in `batches` steps (all of the epoch when None)."""
     result = []
-    for sampler in samplers:
-        steps = list(data.TrainBatchSampler(sampler, batch_size))
+    for sampler in ranks:
+        steps = list(samplers.TrainBatchSampler(sampler, batch_size))
         result += [i for batch in steps[:batches] for i in batch]
     return result
 
@@ -44,12 +45,12 @@ def trained(samplers, batch_size, batches=None):
 def test_a_mid_epoch_position_continues_the_same_epoch_order_with_any_world_or_batch_size(before, after):
     (world, batch), (new_world, new_batch) = before, after
     length, epoch = 53, 4
-    order = data.TrainSampler(length, 1, 0, 3)
+    order = samplers.TrainSampler(length, 1, 0, 3)
     order.set_epoch(epoch)
     order = order.epoch_order()
-    samplers = shards(world, length, epoch)
-    done = trained(samplers, batch, batches=2)
-    position = samplers[0].position_after(2, batch)
+    ranks = shards(world, length, epoch)
+    done = trained(ranks, batch, batches=2)
+    position = ranks[0].position_after(2, batch)
     assert position == 2 * batch * world and sorted(done) == sorted(order[:position])
 
     rest = trained(shards(new_world, length, epoch, position), new_batch)
@@ -59,41 +60,41 @@ def test_a_mid_epoch_position_continues_the_same_epoch_order_with_any_world_or_b
 
 
 def test_the_same_settings_resume_exactly_where_the_uninterrupted_epoch_goes():
-    straight = [list(data.TrainBatchSampler(s, 4)) for s in shards(2, 50, 1)]
+    straight = [list(samplers.TrainBatchSampler(s, 4)) for s in shards(2, 50, 1)]
     position = shards(2, 50, 1)[0].position_after(3, 4)
-    resumed = [list(data.TrainBatchSampler(s, 4)) for s in shards(2, 50, 1, position)]
+    resumed = [list(samplers.TrainBatchSampler(s, 4)) for s in shards(2, 50, 1, position)]
     assert [s[3:] for s in straight] == resumed
 
 
 def test_a_stop_on_the_last_step_or_an_empty_rest_ends_the_epoch_and_the_next_one_trains_in_full():
-    sampler = data.TrainSampler(48, 2, 0, 3)
+    sampler = samplers.TrainSampler(48, 2, 0, 3)
     sampler.set_epoch(0)
     assert sampler.position_after(6, 4) == 48  # 6 steps = the whole epoch: nothing is left of it
     for position in (48, 47):  # 47: one sample per rank would be left, a lone-sample batch is never trained
         sampler.set_epoch(0, position)
-        assert len(data.TrainBatchSampler(sampler, 4)) == 0
+        assert len(samplers.TrainBatchSampler(sampler, 4)) == 0
     sampler.set_epoch(1)  # the next epoch is whole again (the old sampler kept its skip until iterated)
-    assert len(data.TrainBatchSampler(sampler, 4)) == 6 and len(list(data.TrainBatchSampler(sampler, 4))) == 6
+    assert len(samplers.TrainBatchSampler(sampler, 4)) == 6 and len(list(samplers.TrainBatchSampler(sampler, 4))) == 6
 
 
 def test_checkpoints_of_the_first_format_resume_from_their_step_number():
     old = {'epoch': 3, 'next_step': 5, 'args': {'batch_size': 32, 'world_size': 8}}
-    assert train.resume_position(old) == (3, 5 * 32 * 8)
-    assert train.resume_position({'epoch': 3, 'epoch_position': 700}) == (3, 700)
-    assert train.resume_position({'epoch': 3}) == (4, 0)
+    assert training.resume_position(old) == (3, 5 * 32 * 8)
+    assert training.resume_position({'epoch': 3, 'epoch_position': 700}) == (3, 700)
+    assert training.resume_position({'epoch': 3}) == (4, 0)
 
 
 @pytest.fixture
 def stop_handlers():
-    saved = {signum: signal.getsignal(signum) for signum in utils.STOP_SIGNALS}
+    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize('signum', utils.STOP_SIGNALS)
+@pytest.mark.parametrize('signum', cli.STOP_SIGNALS)
 def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_repeats_do_not_kill(stop_handlers, signum):
-    stop = utils.GracefulStop()
+    stop = stopping.GracefulStop()
     assert not stop.after_step(0)
     os.kill(os.getpid(), signum)
     os.kill(os.getpid(), signum)  # a scheduler and mpirun both sending one: still alive, still saving
@@ -185,7 +186,7 @@ def status_line(pid, field):
 def deaf_to_stop_signals(pid):
     """Whether the process blocks or ignores every stop signal (so a signal to its group cannot end it)."""
     deaf = int(status_line(pid, 'SigBlk'), 16) | int(status_line(pid, 'SigIgn'), 16)
-    return all(deaf >> (signum - 1) & 1 for signum in utils.STOP_SIGNALS)
+    return all(deaf >> (signum - 1) & 1 for signum in cli.STOP_SIGNALS)
 
 
 def trained_per_rank(log):

@@ -158,6 +158,7 @@ def test_bad_data_is_one_clear_line_through_loader_workers_and_changes_nothing(c
     assert snapshot(output_dir) == before
 
 
+@pytest.mark.slow
 def test_files_that_are_not_images_by_extension_are_skipped(jpeg_dataset, tmp_path):
     data = damaged_copy(jpeg_dataset, tmp_path, lambda r: (r / 'train' / 'class_00' / 'README.txt').write_text('x'))
     result = run_script(['train.py', '--data-path', data, '--output-dir', str(tmp_path / 'out'), *QUICK,

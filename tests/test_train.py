@@ -10,6 +10,7 @@ import torchvision
 
 from conftest import TINY_IMAGES, run_script
 
+import cli
 import train
 import utils
 
@@ -74,16 +75,18 @@ def test_custom_lr_table_of_the_readme_examples():
     ([0.1, -0.01], [0, 30], 'must all be positive'),
 ])
 def test_custom_lr_mistakes_are_clear_errors(values, milestones, message):
-    with pytest.raises(utils.UsageError, match=message):
+    with pytest.raises(cli.UsageError, match=message):
         train.custom_lr_table(0.1, values, milestones, 90)
 
 
+@pytest.mark.slow
 def test_custom_lr_schedule_is_applied_per_epoch(jpeg_dataset, tmp_path):
     log = run_train(jpeg_dataset, tmp_path, '--epochs', '3', '--num-train-steps', '1', '--num-eval-steps', '1',
                     '--lr', '0.05', '--custom-lr-values', '0.2', '0.02', '--custom-lr-milestones', '1', '2')
     assert re.findall(r'^Epoch: \[\d\].*?lr: (\S+)', log, flags=re.M) == ['0.05', '0.2', '0.02']
 
 
+@pytest.mark.slow
 def test_log_lines_keep_the_upstream_format(jpeg_dataset, tmp_path):
     log = run_train(jpeg_dataset, tmp_path, '--epochs', '1', '--print-freq', '2')
     number = r'\d+\.\d+(e[-+]\d+)?'
@@ -99,6 +102,7 @@ def test_log_lines_keep_the_upstream_format(jpeg_dataset, tmp_path):
     assert 'Test: evaluated 20 images' in log
 
 
+@pytest.mark.slow
 def test_dataset_class_count_sets_the_head_and_few_classes_do_not_break_top5(fresh_dataset, tmp_path):
     three_classes = fresh_dataset(classes=3, train_per_class=6, val_per_class=2)
     log = run_train(three_classes, tmp_path, '--epochs', '1', '--save-checkpoint')
@@ -107,6 +111,7 @@ def test_dataset_class_count_sets_the_head_and_few_classes_do_not_break_top5(fre
     assert checkpoint['model']['fc.weight'].shape == (3, 512) and checkpoint['num_classes'] == 3
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_and_load_into_torchvision(jpeg_dataset, tmp_path):
     run_train(jpeg_dataset, tmp_path, '--epochs', '2', '--num-train-steps', '2', '--save-checkpoint')
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'model_0.pth', 'model_1.pth']
@@ -119,6 +124,7 @@ def test_checkpoints_are_written_and_load_into_torchvision(jpeg_dataset, tmp_pat
     assert torch.equal(load(tmp_path / 'model_1.pth')['model']['fc.weight'], checkpoint['model']['fc.weight'])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(jpeg_dataset, tmp_path):
     common = ['--deterministic', '--save-checkpoint', '--num-eval-steps', '1', '--workers', '1']
     run_train(jpeg_dataset, tmp_path / 'straight', '--epochs', '2', *common)
@@ -132,6 +138,7 @@ def test_resume_continues_exactly_where_it_stopped(jpeg_dataset, tmp_path):
     assert straight['lr_scheduler'] == resumed['lr_scheduler']
 
 
+@pytest.mark.slow
 def test_deterministic_runs_repeat_whatever_the_worker_count(jpeg_dataset, tmp_path):
     common = ['--deterministic', '--epochs', '1', '--num-eval-steps', '0']
     runs = [losses(run_train(jpeg_dataset, tmp_path / f'w{workers}', '--workers', str(workers), *common))
@@ -139,6 +146,7 @@ def test_deterministic_runs_repeat_whatever_the_worker_count(jpeg_dataset, tmp_p
     assert len(runs[0]) == 6 and runs[0] == runs[1] == runs[2]
 
 
+@pytest.mark.slow
 def test_test_only_evaluates_and_exits(jpeg_dataset, tmp_path):
     run_train(jpeg_dataset, tmp_path / 'run', '--epochs', '1', '--num-train-steps', '1', '--save-checkpoint')
     log = run_train(jpeg_dataset, tmp_path / 'eval', '--test-only', '--resume',

@@ -1,0 +1,94 @@
+"""The one entry point of the input pipelines: `build` turns a dataset folder and the loader settings into
+the training and validation loaders of the asked --dl-worker-type (MP, HABANA or FAST), with their samplers.
+
+MP is torch's DataLoader with the reference PIL transforms; FAST the fast JPEG pipeline (fast_jpeg.py),
+whose uint8 batches are normalised on the device; HABANA Habana's habana_dataloader, or FAST where that
+package is not installed. Every loader yields (images, targets) ready for the device layer.
+"""
+import time
+from typing import NamedTuple
+
+import data
+import fast_jpeg
+import samplers
+
+
+class Loaders(NamedTuple):
+    classes: list          # class names, in label order (the training split's)
+    train_sampler: object  # set_epoch(epoch, position) before each epoch; position_after() after a stop
+    train: object          # training loader
+    val: object            # validation loader
+    kind: str              # the loader that really runs: MP, HABANA or FAST
+
+
+def habana_dataloader_class():
+    """HabanaDataLoader when the habana_dataloader package is installed, else None."""
+    try:
+        import habana_dataloader
+    except ImportError:
+        return None
+    return habana_dataloader.HabanaDataLoader
+
+
+def resolve_kind(requested):
+    """The loader that will really run for --dl-worker-type: HABANA needs the habana_dataloader package."""
+    if requested == 'HABANA' and habana_dataloader_class() is None:
+        print('habana_dataloader is not installed: --dl-worker-type HABANA uses the fast JPEG pipeline (FAST)')
+        return 'FAST'
+    return requested
+
+
+def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size, cache_dir=None, is_main=True):
+    """(training ImageFolder, validation ImageFolder) of data_path/train and data_path/val, with upstream's
+    progress lines. Validation takes the training split's labels; a validation class training lacks is an
+    error, found before any file is listed."""
+    train_dir = data.check_split_dir(data_path, 'train')
+    val_dir = data.check_split_dir(data_path, 'val')
+    print('Loading data')
+    data.check_class_lists(train_dir, val_dir)
+    print('Loading training data')
+    started = time.time()
+    dataset = data.image_folder(train_dir, data.train_transform(train_crop_size), cache_dir=cache_dir, is_main=is_main)
+    print('Took', time.time() - started)
+    print('Loading validation data')
+    dataset_test = data.image_folder(val_dir, data.eval_transform(val_resize_size, val_crop_size),
+                                     labels_from=dataset, cache_dir=cache_dir, is_main=is_main)
+    return dataset, dataset_test
+
+
+def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seeded, device, pin_memory,
+          worker_start_method, train_crop_size=224, val_resize_size=256, val_crop_size=224, cache_dataset=False,
+          output_dir='', loader_seed=0):
+    """Loaders for data_path (train/ and val/ class folders).
+
+    seed: the training order's (DistributedSampler's) seed. seeded: each sample's augmentation is drawn from
+    (seed, epoch, index), so runs repeat (the FAST pipeline always does this, from loader_seed). device,
+    pin_memory, worker_start_method: the device layer's (FAST normalises on the device). cache_dataset: keep
+    the file lists under output_dir (--cache-dataset).
+    """
+    kind = resolve_kind(kind)
+    cache_dir = data.dataset_cache_dir(output_dir) if cache_dataset else None
+    dataset, dataset_test = load_datasets(data_path, train_crop_size=train_crop_size, val_resize_size=val_resize_size,
+                                          val_crop_size=val_crop_size, cache_dir=cache_dir, is_main=rank == 0)
+    print('Creating data loaders')
+    seeded_mp = seeded and kind == 'MP'
+    train_sampler = samplers.train_sampler(dataset, world_size, rank, seed, seeded_mp)
+    test_sampler = samplers.ShardedEvalSampler(len(dataset_test), world_size, rank)
+    classes = list(dataset.classes)
+    if seeded_mp:
+        dataset = samplers.SeededAugmentation(dataset, seed)
+    if kind == 'HABANA':
+        loader_class = habana_dataloader_class()
+        train, val = (loader_class(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=True,
+                                   drop_last=drop_last)
+                      for ds, sampler, drop_last in ((dataset, train_sampler, True), (dataset_test, test_sampler, False)))
+    elif kind == 'FAST':
+        train, val = fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size=batch_size,
+                                             workers=workers, device=device, pin_memory=pin_memory,
+                                             start_method=worker_start_method, crop_size=train_crop_size,
+                                             resize_size=val_resize_size, val_crop_size=val_crop_size, seed=loader_seed)
+    else:
+        train, val = (data.make_loader(ds, batch_size, sampler, workers, pin_memory, is_train, worker_start_method,
+                                       loader_seed)
+                      for ds, sampler, is_train in ((dataset, train_sampler, True), (dataset_test, test_sampler, False)))
+    return Loaders(classes, train_sampler, train, val, kind)
