@@ -139,7 +139,7 @@ def custom_lr_table(base_lr, values, milestones, epochs):
     if len(table) < epochs:
         raise UsageError(f'--custom-lr-milestones: the schedule covers {len(table)} epochs, fewer than '
                          f'--epochs {epochs}')
-    return table
+    return table[:epochs]  # a milestone past the last epoch never starts
 
 
 def check_args(args):

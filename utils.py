@@ -148,14 +148,6 @@ def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank():
-    return dist.get_rank() if is_dist_avail_and_initialized() else 0
-
-
-def is_main_process():
-    return get_rank() == 0
-
-
 class ThroughputWindow:
     """Images per second over the steps since the last report.
 

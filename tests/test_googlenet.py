@@ -133,20 +133,27 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
                      '--lr-step-size', '1').stdout
     accuracies = epoch_accuracies(first)
     assert len(accuracies) == 3
-    best_epoch_1 = accuracies[1] > max(accuracies[0], 0.0)
-    expected = {'checkpoint_1_cpu.pth.tar'} | ({'model_best1.pth.tar'} if best_epoch_1 else set())
-    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert {p.name for p in tmp_path.iterdir()} - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar'}
     checkpoint = load(tmp_path / 'checkpoint_1_cpu.pth.tar')
     assert set(checkpoint) == {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler',
                                'format_version', 'model_name', 'num_classes'}
     assert checkpoint['epoch'] == 1 and checkpoint['best_acc1'] == pytest.approx(max(accuracies[:2]))
     torchvision_googlenet(aux_logits=True).load_state_dict(checkpoint['state_dict'], strict=True)
-    if best_epoch_1:
-        best = load(tmp_path / 'model_best1.pth.tar')
-        assert best['epoch'] == 1 and best['best_acc1'] == checkpoint['best_acc1']
-        assert all(torch.equal(best['state_dict'][k], v) for k, v in checkpoint['state_dict'].items())
 
-    # Resume from it with a best top-1 no epoch can beat: best_acc1 must carry over, so no best copy.
+    # Resume with a best top-1 every epoch beats (-1): the next epoch is a new best, so its checkpoint is
+    # copied to model_best2, and the copy is that checkpoint.
+    checkpoint['best_acc1'] = -1.0
+    beatable = tmp_path / 'beatable.pth.tar'
+    torch.save(checkpoint, beatable)
+    best_run = tmp_path / 'best'
+    run_main(jpeg_dataset, tmp_path, '--epochs', '3', '--save-checkpoint', '1', '--resume', str(beatable),
+             '--output-dir', str(best_run))
+    assert {p.name for p in best_run.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'model_best2.pth.tar'}
+    saved, best = load(best_run / 'checkpoint_2_cpu.pth.tar'), load(best_run / 'model_best2.pth.tar')
+    assert best['epoch'] == 2 and best['best_acc1'] == saved['best_acc1'] >= 0.0
+    assert all(torch.equal(best['state_dict'][k], v) for k, v in saved['state_dict'].items())
+
+    # Resume with a best top-1 no epoch can beat: best_acc1 must carry over, so no best copy.
     checkpoint['best_acc1'] = 100.0
     resumable = tmp_path / 'unbeatable.pth.tar'
     torch.save(checkpoint, resumable)
