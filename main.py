@@ -124,9 +124,11 @@ def update_accuracy(top1, top5, logits, target):
     top5.update(acc5.item(), target.shape[0])
 
 
-def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False, stop=None, first_step=0):
+def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=False, stop=None, first_step=0,
+          tally=None):
     """One epoch (from `first_step` after a mid-epoch stop). Returns the step to resume from when SIGTERM
-    stopped it early, else None; a NaN or infinite loss raises utils.NonFiniteLoss at the next printed step."""
+    stopped it early, else None; a NaN or infinite loss raises utils.NonFiniteLoss at the next printed step.
+    Adds the images trained to tally[0] when a tally is given."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
@@ -147,6 +149,8 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, args, warm_up=F
         output, loss = classification.train_step(model, functools.partial(training_loss, criterion), optimizer,
                                                  dev, images, target)
         window.step_done(images.shape[0])
+        if tally is not None:
+            tally[0] += images.shape[0]
         nonfinite.track(loss, i, optimizer.param_groups[0]['lr'])
 
         printed = (i - first_step) % args.print_interval == 0
@@ -357,6 +361,7 @@ def main(args):
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
     stop = utils.GracefulStop(args.distributed, args.dist_timeout)
+    images_trained = [0]
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
@@ -368,7 +373,8 @@ def main(args):
                                                   rng_state)
         print('training epoch ', epoch)
         stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args,
-                           warm_up=epoch == args.start_epoch, stop=stop, first_step=first_step)
+                           warm_up=epoch == args.start_epoch, stop=stop, first_step=first_step,
+                           tally=images_trained)
         if stopped_at is not None:
             position = train_sampler.position_after(stopped_at - first_step, args.batch_size)
             if position < train_sampler.dataset_len:  # a stop on the epoch's last step ends the epoch first
@@ -393,6 +399,8 @@ def main(args):
             return classification.stop_after_signal(stop, save, epoch)
 
     total_time = time.time() - start_time
+    if args.distributed:
+        print(f'| rank {args.rank}: trained on {images_trained[0]} images', force=True)
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 
