@@ -100,6 +100,23 @@ def launch_command(environ):
     return found[4] if found else 'mpirun'
 
 
+def variables_received(environ):
+    """'NAME=value ...' of the HCCL_ and MASTER_ variables in the environment, as the launcher set them (mpirun -x
+    forwards them to every host: this shows what reached a rank on a remote one)."""
+    return ' '.join(f'{name}={environ[name]}' for name in sorted(environ) if name.startswith(('HCCL_', 'MASTER_')))
+
+
+def gloo_interface_from_hccl(environ):
+    """HCCL_SOCKET_IFNAME, for gloo, when GLOO_SOCKET_IFNAME is unset and it names interfaces of this host
+    (not a subnet): the README's multi-node commands name the hosts' interface there, and gloo otherwise
+    takes the address of the host name, on a multi-host run often one the other hosts cannot reach."""
+    names = environ.get('HCCL_SOCKET_IFNAME', '').strip()
+    if environ.get('GLOO_SOCKET_IFNAME') or not names:
+        return None
+    local = {name for _, name in socket.if_nameindex()}
+    return names if set(names.split(',')) <= local else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Where the ranks meet
 
@@ -188,12 +205,18 @@ def start(dist_url, timeout_s, backend_for_local_rank):
     if world_size <= 1:
         print('Not using distributed mode')
         return Ranks(rank, world_size, local_rank, False)
+    received = variables_received(os.environ)
     address, port, port_source = meeting_point(os.environ)
     os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = address, str(port)
     backend = backend_for_local_rank(local_rank)
+    interface = gloo_interface_from_hccl(os.environ) if backend == 'gloo' else None
+    if interface:
+        os.environ['GLOO_SOCKET_IFNAME'] = interface
     meeting = Meeting(rank, world_size, timeout_s, dist_url, store_address(dist_url, os.environ), port_source,
                       variables_read(os.environ) or launcher, launch_command(os.environ))
     say(f'| distributed init (rank {rank}, {launcher}): {meeting.describe()}')
+    say(f'| rank {rank} received: {received or "no HCCL_ or MASTER_ variables"}'
+        + (f'; gloo uses interface {interface} (HCCL_SOCKET_IFNAME)' if interface else ''))
     meeting.start_process_group(backend)
     setup_for_distributed(rank == 0)
     _heartbeat = Heartbeat(rank, world_size, timeout_s, meeting.store)

@@ -137,6 +137,7 @@ class Launch:
     command: list
     exports: dict = field(default_factory=dict)  # set in the launched process's environment
     notice: str = ''                             # one line for the user, when the run is not as asked
+    mpi_prefix: str = ''                         # multi-node: which OpenMPI --prefix names, and why
 
 
 def plan_launch(trainer_command, placement, topology, environ):
@@ -167,8 +168,10 @@ def multi_node_launch(trainer_command, placement, topology, environ):
     per_host = placement.process_per_node
     cores_per_rank = topology.cores // per_host
     first_host = placement.hosts[0]
+    prefix, prefix_source = mpi_prefix(environ)
+    prefix_line = f'mpirun --prefix {prefix} (where each host finds orted): {prefix_source}'
     command = ['mpirun', '--allow-run-as-root', *forwarded_variables(environ),
-               '--prefix', mpi_root(environ), *tcp_network(first_host),
+               '--prefix', prefix, *tcp_network(first_host),
                '-x', f'MASTER_ADDR={first_host}',
                '-x', f'MASTER_PORT={environ.get("MASTER_PORT") or DEFAULT_MASTER_PORT}',
                '--mca', 'plm_rsh_args', f'-p {environ.get("DOCKER_SSHD_PORT") or DEFAULT_SSHD_PORT}']
@@ -177,20 +180,29 @@ def multi_node_launch(trainer_command, placement, topology, environ):
         command += ['--bind-to', 'core', '-H', host_slots(placement.hosts, slots), '-n', str(placement.world_size),
                     '--map-by', f'{ranks_per_host_mapping(per_host, topology.sockets)}:PE={cores_per_rank}',
                     '--rank-by', 'core', '--report-bindings']
-        return Launch(command + list(trainer_command))
+        return Launch(command + list(trainer_command), mpi_prefix=prefix_line)
     command += ['--bind-to', 'none', '-H', host_slots(placement.hosts, per_host), '-n', str(placement.world_size),
                 '--map-by', f'ppr:{per_host}:node', '--rank-by', 'core']
     notice = (f'note: {per_host} ranks per host but {topology.cores} physical cores here: running unbound '
               '(set DEMO_PHYSICAL_CORES to the hosts\' core count to bind)')
-    return Launch(command + list(trainer_command), notice=notice)
+    return Launch(command + list(trainer_command), notice=notice, mpi_prefix=prefix_line)
 
 
 def mpi_root(environ):
-    """MPI_ROOT, else the installation of the mpirun on PATH (the original assumed Habana's container)."""
+    return mpi_prefix(environ)[0]
+
+
+def mpi_prefix(environ):
+    """(prefix, where it came from): MPI_ROOT, else the installation of the mpirun on PATH, else Habana's
+    container's /usr/local/openmpi (the original's only choice after MPI_ROOT). In Habana's container, which
+    sets MPI_ROOT=/usr/local/openmpi and has its mpirun there, all three give the original's line."""
     if environ.get('MPI_ROOT'):
-        return environ['MPI_ROOT']
+        return environ['MPI_ROOT'], 'MPI_ROOT'
     mpirun = shutil.which('mpirun', path=environ.get('PATH'))
-    return os.path.dirname(os.path.dirname(os.path.realpath(mpirun))) if mpirun else DEFAULT_MPI_ROOT
+    if mpirun:
+        return (os.path.dirname(os.path.dirname(os.path.realpath(mpirun))),
+                f'the installation of {mpirun} on PATH, MPI_ROOT being unset')
+    return DEFAULT_MPI_ROOT, "Habana's container's OpenMPI, MPI_ROOT being unset and no mpirun on PATH"
 
 
 def forwarded_variables(environ):
@@ -231,6 +243,8 @@ def print_dry_run(launch):
     forwarded = [launch.command[i + 1] for i, arg in enumerate(launch.command) if arg == '-x']
     if forwarded:
         print('# forwarded to every rank with mpirun -x: ' + ' '.join(forwarded))
+    if launch.mpi_prefix:
+        print(f'# {launch.mpi_prefix}')
     if launch.command[0] == 'mpirun':
         print(f'# runs with {MPIRUN_KILL_GRACE_VARIABLE}={MPIRUN_KILL_GRACE} unless set (time for ranks to save '
               'when mpirun is signalled)')
@@ -248,6 +262,8 @@ def run(launch):
     rank and then waits for them (SIGTERM would make mpirun kill them after odls_base_sigkill_timeout).
     SIGINT (Ctrl-C) is passed on as it is.
     """
+    if launch.mpi_prefix:
+        print(launch.mpi_prefix)
     print('command = ' + shlex.join(launch.command), flush=True)
     env = {**os.environ, **launch.exports}
     through_mpirun = launch.command[0] == 'mpirun'

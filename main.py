@@ -127,8 +127,9 @@ def update_accuracy(top1, top5, logits, target):
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
           warm_up=False, stop=None, first_step=0):
-    """One epoch (from `first_step` after a mid-epoch stop). Returns the step to resume from when a stop signal
-    ended it early, else None; a NaN or infinite loss raises stopping.NonFiniteLoss at the next printed step."""
+    """One epoch (from `first_step` after a mid-epoch stop). Returns (images trained, step to resume from when a
+    stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
+    next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
@@ -163,11 +164,11 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
             data_time.update(times.data_time)
             progress.display(i)
         if stop is not None and stop.after_step(i):
-            return i + 1
+            return window.total_images, i + 1
         if i + 1 >= num_train_steps:
             break
     nonfinite.check(epoch)
-    return None
+    return window.total_images, None
 
 
 def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None):
@@ -343,6 +344,7 @@ def main(args):
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
     stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
+    images_trained = 0
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
@@ -351,9 +353,10 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed)
         print('training epoch ', epoch)
-        stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
-                           num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch, stop=stop,
-                           first_step=first_step)
+        images, stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
+                                   num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch,
+                                   stop=stop, first_step=first_step)
+        images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
             return training.stop_and_save(stop, save, epoch, position, stopped_at - 1)
@@ -377,6 +380,8 @@ def main(args):
             return training.stop_and_save(stop, save, epoch)
 
     total_time = time.time() - start_time
+    if ranks.distributed:
+        distributed.say(f'| rank {ranks.rank}: trained on {images_trained} images')  # one write: mpirun merges ranks
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 

@@ -7,6 +7,7 @@ import importlib
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -198,6 +199,8 @@ def test_readme_example_runs_verbatim_and_builds_the_original_command(example):
     lines = result.stdout.splitlines()
     assert lines[-2].startswith('#') and not any(line.startswith('export ') for line in lines)
     assert lines[0].startswith('Namespace(') == ('googlenet' not in README[example])  # as the originals
+    prefix_said = '# mpirun --prefix /usr/local/openmpi (where each host finds orted): MPI_ROOT' in lines
+    assert prefix_said == ('MULTI_HLS_IPS' in README[example])
     typo_note = "note: reading '-custom-lr-values' as '--custom-lr-values'\n"
     assert result.stderr == (typo_note if example == 'multi-vi' else '')
 
@@ -272,6 +275,8 @@ def test_multi_node_dry_run_forwards_the_hccl_variables():
         "-x MASTER_ADDR=10.10.100.101 -x MASTER_PORT=29500 --mca plm_rsh_args '-p 2222' --bind-to core "
         '-H 10.10.100.101:56,10.10.100.102:56 -n 16 --map-by ppr:4:socket:PE=7 --rank-by core --report-bindings')
     assert words[-1] == '--process-per-node=8'
+    assert (f"# mpirun --prefix {prefix} (where each host finds orted): the installation of {shutil.which('mpirun')} "
+            'on PATH, MPI_ROOT being unset') in result.stdout.splitlines()
     assert ('# forwarded to every rank with mpirun -x: HCCL_OVER_TCP=1 HCCL_SOCKET_IFNAME=ens1f0 HCCL_OVER_OFI=1 '
             f'MULTI_HLS_IPS={TWO_HOSTS} MASTER_ADDR=10.10.100.101 MASTER_PORT=29500') in result.stdout
 

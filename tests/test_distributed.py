@@ -346,3 +346,22 @@ def test_leftover_slurm_variables_end_the_wait_with_a_line_naming_them(jpeg_data
         r'\(--dist-timeout\) only 1 of 2 ranks joined at localhost:\d+\. If this process is not one of a job\'s ranks '
         r'\(e\.g\. a shell inside an allocation\), unset SLURM_PROCID SLURM_NTASKS; otherwise start all 2 ranks '
         r'together with srun\n', result.stderr), result.stderr[-3000:]
+
+
+def test_the_hccl_and_master_variables_received_are_listed_in_name_order():
+    environ = {'MASTER_PORT': '29500', 'HCCL_SOCKET_IFNAME': 'ens1', 'HCCL_OVER_TCP': '1', 'MASTER_ADDR': '10.0.0.1',
+               'PATH': '/usr/bin', 'GLOO_SOCKET_IFNAME': 'lo'}
+    assert distributed.variables_received(environ) == (
+        'HCCL_OVER_TCP=1 HCCL_SOCKET_IFNAME=ens1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500')
+    assert distributed.variables_received({'PATH': '/usr/bin'}) == ''
+
+
+@pytest.mark.parametrize('environ, expected', [
+    ({'HCCL_SOCKET_IFNAME': 'lo'}, 'lo'),                              # an interface of this host: gloo's too
+    ({'HCCL_SOCKET_IFNAME': 'lo', 'GLOO_SOCKET_IFNAME': 'eth9'}, None),  # the user chose gloo's own
+    ({'HCCL_SOCKET_IFNAME': 'no-such-if0'}, None),                     # not here: gloo picks as before
+    ({'HCCL_SOCKET_IFNAME': '10.0.0.0/24'}, None),                     # a subnet, which HCCL also accepts
+    ({}, None),
+])
+def test_gloo_takes_the_interface_from_hccl_socket_ifname_only_when_it_names_one_of_this_host(environ, expected):
+    assert distributed.gloo_interface_from_hccl(environ) == expected

@@ -168,3 +168,17 @@ OP_LISTS = {
 def test_op_lists_of_the_original_are_at_the_top_level(name):
     with open(os.path.join(REPO, name)) as f:
         assert f.read() == OP_LISTS[name].replace(' ', '\n')
+
+
+def test_mpi_prefix_says_where_it_came_from():
+    assert launcher.mpi_prefix({'MPI_ROOT': '/usr/local/openmpi', 'PATH': os.environ['PATH']}) == (
+        '/usr/local/openmpi', 'MPI_ROOT')
+    prefix, source = launcher.mpi_prefix({'PATH': os.environ['PATH']})
+    assert source == f"the installation of {shutil.which('mpirun')} on PATH, MPI_ROOT being unset"
+    assert launcher.mpi_prefix({'PATH': '/nonexistent'}) == (
+        '/usr/local/openmpi', "Habana's container's OpenMPI, MPI_ROOT being unset and no mpirun on PATH")
+    placement = Placement(4, ('10.0.0.1', '10.0.0.2'), 2)
+    launch = launcher.plan_launch(TRAINER, placement, HOST_56_CORES, {'PATH': os.environ['PATH']})
+    assert launch.mpi_prefix == f'mpirun --prefix {prefix} (where each host finds orted): {source}'
+    assert launch.command[launch.command.index('--prefix') + 1] == prefix
+    assert launcher.plan_launch(TRAINER, Placement(4), HOST_56_CORES, {}).mpi_prefix == ''  # one host: no --prefix
