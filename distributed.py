@@ -271,6 +271,7 @@ class Meeting:
                 f'waits up to --dist-timeout {self.timeout_s} s')
 
     def start_process_group(self, backend):
+        self.started = time.monotonic()
         if self.rank > 0 and self.store:
             self.wait_for_rank_zero()
         try:
@@ -304,9 +305,12 @@ class Meeting:
         return self.missing_peers(f'the ranks did not all meet at {self.where} ({text.splitlines()[0]})')
 
     def missing_peers(self, what):
+        waited = time.monotonic() - getattr(self, 'started', time.monotonic() - self.timeout_s)
+        after = (f'after {self.timeout_s} s (--dist-timeout)' if waited >= 0.9 * self.timeout_s
+                 else f'after {waited:.0f} s (before --dist-timeout {self.timeout_s} s ran out)')
         return RendezvousFailed(
             f'{self.variables}: these variables make this process rank {self.rank} of {self.world_size}, but '
-            f'after {self.timeout_s} s (--dist-timeout) {what}. If this process is not one of a job\'s ranks '
+            f'{after} {what}. If this process is not one of a job\'s ranks '
             f'(e.g. a shell inside an allocation), unset {variable_names(self.variables)}; otherwise start all '
             f'{self.world_size} ranks together with {self.starter}')
 

@@ -171,6 +171,16 @@ def test_a_rank_whose_rank_zero_never_comes_stops_after_the_timeout_naming_its_v
         "all 2 ranks together with srun")
 
 
+def test_a_rendezvous_that_fails_before_the_timeout_says_how_long_it_really_waited():
+    waiting = meeting(1, ('localhost', free_port()), timeout_s=600)
+    waiting.started = time.monotonic() - 3  # gloo gave up 3 s into a 600 s wait (e.g. an unreachable address)
+    assert ', but after 3 s (before --dist-timeout 600 s ran out) only 1 of 2 ranks joined. ' in str(
+        waiting.missing_peers('only 1 of 2 ranks joined'))
+    waiting.started = time.monotonic() - 600
+    assert ', but after 600 s (--dist-timeout) only 1 of 2 ranks joined. ' in str(
+        waiting.missing_peers('only 1 of 2 ranks joined'))
+
+
 def test_the_timeout_report_names_the_rank_whose_heartbeats_stopped_and_where_it_was():
     port = free_port()
     store = dist.TCPStore('localhost', port, 3, True, datetime.timedelta(seconds=10), wait_for_workers=False)
