@@ -249,7 +249,7 @@ def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, model_name, nu
     checkpoint = checkpoints.load(path, model_name, num_classes,
                                   ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
-    resumed = training.resume(checkpoint, path, dev, model_without_ddp, optimizer, lr_scheduler, 'state_dict')
+    resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, 'state_dict')
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
     return resumed
 

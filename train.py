@@ -212,7 +212,7 @@ def main(args):
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
-        resumed = training.resume(checkpoint, args.resume, dev, model_without_ddp, optimizer, lr_scheduler, 'model')
+        resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, 'model')
         args.start_epoch = resumed.start_epoch
 
     if args.test_only:

@@ -98,7 +98,7 @@ class Resumed(NamedTuple):
 NOT_RESUMED = Resumed(0, 0, None, {})
 
 
-def resume(checkpoint, path, dev, model_without_ddp, optimizer, lr_scheduler, model_key):
+def resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, model_key):
     """Load a checkpoint read by checkpoints.load into model, optimizer and schedule (the model under
     `model_key`: 'model' for train.py, 'state_dict' for main.py). Returns Resumed."""
     dev.load_training_state(model_without_ddp, optimizer, checkpoint[model_key], checkpoint['optimizer'])
