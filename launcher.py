@@ -188,10 +188,6 @@ def multi_node_launch(trainer_command, placement, topology, environ):
     return Launch(command + list(trainer_command), notice=notice, mpi_prefix=prefix_line)
 
 
-def mpi_root(environ):
-    return mpi_prefix(environ)[0]
-
-
 def mpi_prefix(environ):
     """(prefix, where it came from): MPI_ROOT, else the installation of the mpirun on PATH, else Habana's
     container's /usr/local/openmpi (the original's only choice after MPI_ROOT). In Habana's container, which

@@ -120,10 +120,10 @@ def test_multi_node_with_fewer_cores_than_ranks_per_host_runs_unbound():
 
 
 def test_mpi_prefix_without_mpi_root_is_the_installation_of_mpirun_on_path():
-    prefix = launcher.mpi_root({'PATH': os.environ['PATH']})
+    prefix = launcher.mpi_prefix({'PATH': os.environ['PATH']})[0]
     assert os.path.realpath(os.path.join(prefix, 'bin', os.path.basename(shutil.which('mpirun')))) == \
         os.path.realpath(shutil.which('mpirun'))
-    assert launcher.mpi_root({'PATH': '/nonexistent'}) == '/usr/local/openmpi'
+    assert launcher.mpi_prefix({'PATH': '/nonexistent'})[0] == '/usr/local/openmpi'
 
 
 def test_custom_lr_comma_lists_become_space_lists():
