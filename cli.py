@@ -3,6 +3,7 @@ wrappers (and `--dry-run`) start at once: the error types that end a run with on
 an ArgumentParser whose errors are one line, and the True/False flag parser of the originals."""
 import argparse
 import contextlib
+import os
 import signal
 import sys
 
@@ -29,6 +30,9 @@ def run_cli(main, *args):
         sys.stderr.write(f'error: {err}\n')  # not print(): on ranks > 0 print is silenced
         sys.stderr.flush()
         raise SystemExit(err.exit_code)
+    except BrokenPipeError:  # output piped into `head` and the like: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
     finally:
         end_loader_workers()
 
@@ -110,3 +114,60 @@ def compatibility_group(parser):
     """The group of flags the originals take that these scripts accept, so their command lines run unchanged,
     and ignore (each help says why)."""
     return parser.add_argument_group('accepted for compatibility with the original scripts, and ignored')
+
+
+def add_recipe_args(parser):
+    """The recipe flags both trainers take (names from torchvision's references, NVIDIA's main.py and Habana's
+    1.7+ train.py; README, *Recipes*). Their defaults are the 1.4.0 behaviour."""
+    group = parser.add_argument_group('recipes (README, Recipes): schedules, optimizers, regularisation')
+    group.add_argument('--recipe', default='habana-1.4', metavar='NAME',
+                       help='a named recipe, expanded to flags that any flag given here overrides; '
+                            '"--recipe list" describes them (default: habana-1.4, the 1.4.0 behaviour)')
+    group.add_argument('--print-schedule', action='store_true',
+                       help='print the LR, weight decay, momentum resets and augmentation per epoch (and per '
+                            'iteration around phase boundaries) for these flags and world size, then exit')
+    group.add_argument('--dataset-size', default=None, type=int, metavar='N',
+                       help='--print-schedule only: training images (default: ImageNet-1k\'s 1281167)')
+    group.add_argument('--lr-scheduler', default='steplr',
+                       help='steplr (per epoch, the default; per iteration with a warm-up), cosineannealinglr, '
+                            'polynomiallr (MLPerf/LARS: to --lr-min), collapse (--lr-phases)')
+    group.add_argument('--lr-warmup-epochs', default=0.0, type=float, help='warm-up length in epochs (per iteration)')
+    group.add_argument('--lr-warmup-method', default='linear', help='linear or constant')
+    group.add_argument('--lr-warmup-decay', default=0.01, type=float,
+                       help='the warm-up starts at this fraction of --lr (0: from 0, polynomiallr only)')
+    group.add_argument('--lr-min', default=0.0, type=float, help='the LR cosine and polynomial decays end at')
+    group.add_argument('--lr-power', default=2.0, type=float, help='polynomiallr: the decay\'s power')
+    group.add_argument('--lr-decay-epochs', default=0.0, type=float,
+                       help='polynomiallr: decay horizon in epochs, warm-up included (default: --epochs)')
+    group.add_argument('--lr-phases', default=None, nargs='+', metavar='PHASE',
+                       help='collapse: phases end to end, each ITERATIONS,LR[,warmup=ITERATIONS@LR]'
+                            '[,horizon=ITERATIONS][,power=P][,wd=W][,noaug], in iterations at this run\'s global '
+                            'batch, LRs absolute (--lr is not used)')
+    group.add_argument('--optimizer', default='sgd', type=str.lower, choices=('sgd', 'lars'),
+                       help='sgd (the device\'s fused SGD where it has one) or lars (Habana\'s fused LARS on hpu)')
+    group.add_argument('--lars-trust-coefficient', default=0.001, type=float, help='LARS trust coefficient (eta)')
+    group.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=False, help='Nesterov momentum')
+    group.add_argument('--label-smoothing', default=0.0, type=float, help='label smoothing of the loss')
+    group.add_argument('--mixup-alpha', default=0.0, type=float, help='mixup on each batch, Beta(alpha, alpha)')
+    group.add_argument('--cutmix-alpha', default=0.0, type=float,
+                       help='cutmix on each batch (with mixup: one of the two per batch)')
+    group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False,
+                       help='keep, evaluate and save an exponential moving average of the weights')
+    group.add_argument('--model-ema-steps', default=32, type=int, help='steps between EMA updates')
+    group.add_argument('--model-ema-decay', default=0.99998, type=float,
+                       help='EMA decay per image of the global batch, as torchvision\'s (adjusted for batch, '
+                            'steps and epochs)')
+    group.add_argument('--norm-weight-decay', default=None, type=float,
+                       help='weight decay of normalisation layers\' weights and biases (default: --wd)')
+    group.add_argument('--bias-weight-decay', default=None, type=float,
+                       help='weight decay of the other biases (default: --wd)')
+    group.add_argument('--clip-grad-norm', default=None, type=float, help='clip the gradients\' norm to this')
+    group.add_argument('--auto-augment', default=None, help='MP loader: ra, ta_wide, augmix or imagenet')
+    group.add_argument('--ra-magnitude', default=9, type=int, help='RandAugment magnitude')
+    group.add_argument('--augmix-severity', default=3, type=int, help='AugMix severity')
+    group.add_argument('--random-erase', default=0.0, type=float, help='MP loader: random erasing probability')
+    group.add_argument('--epochs-between-evals', default=1, type=int, metavar='N',
+                       help='evaluate every N epochs (and after the last)')
+    group.add_argument('--eval-offset-epochs', default=0, type=int, metavar='K',
+                       help='the first evaluation after epoch K (then every --epochs-between-evals)')
+    return group

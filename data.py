@@ -22,9 +22,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(crop_size=224):
+AUTO_AUGMENT = ('ra', 'ta_wide', 'augmix', 'imagenet')
+
+
+def auto_augment_transform(name, ra_magnitude=9, augmix_severity=3):
+    """torchvision's policy for --auto-augment (the names of torchvision's references)."""
+    if name == 'ra':
+        return transforms.RandAugment(magnitude=ra_magnitude)
+    if name == 'ta_wide':
+        return transforms.TrivialAugmentWide()
+    if name == 'augmix':
+        return transforms.AugMix(severity=augmix_severity)
+    return transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET)
+
+
+def train_transform(crop_size=224, auto_augment=None, random_erase=0.0, ra_magnitude=9, augmix_severity=3):
+    """The reference augmentation (RandomResizedCrop + flip), plus torchvision's --auto-augment policy and
+    --random-erase as its references add them."""
+    steps = [transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip()]
+    if auto_augment:
+        steps.append(auto_augment_transform(auto_augment, ra_magnitude, augmix_severity))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+    if random_erase > 0:
+        steps.append(transforms.RandomErasing(p=random_erase))
+    return transforms.Compose(steps)
+
+
+def plain_crop_transform(resize_size=256, crop_size=224):
+    """Training without scale/aspect augmentation (the LR-collapse recipe's last phase, spec 2.5): a random
+    crop of the image resized to its validation size, and the flip."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size),
+        transforms.Resize(resize_size),
+        transforms.RandomCrop(crop_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),

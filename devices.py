@@ -113,8 +113,14 @@ class CPUDevice:
     def prepare_model(self, model):
         return model.to(self.torch_device, memory_format=self.memory_format)
 
-    def make_optimizer(self, params, lr, momentum, weight_decay):
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+    def make_optimizer(self, params, lr, momentum, weight_decay, kind='sgd', nesterov=False, trust_coefficient=0.001):
+        """SGD (fused) or LARS over `params` (parameter groups)."""
+        if kind == 'lars':
+            import optimizers
+            return optimizers.LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   trust_coefficient=trust_coefficient, nesterov=nesterov)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                               fused=True)
 
     def after_optimizer_created(self, model, optimizer):
         """Last layout changes once model and optimizer exist (HPU weight permutation)."""
@@ -139,6 +145,13 @@ class CPUDevice:
         model.load_state_dict(model_state)
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
+
+    def module_state(self, module):
+        """A module's state in torchvision's layout, ready to save (the EMA model)."""
+        return module.state_dict()
+
+    def load_module_state(self, module, state):
+        module.load_state_dict(state)
 
     def pin_memory(self):
         return False
@@ -264,11 +277,27 @@ class HPUDevice(CPUDevice):
             print('Converting model params to channels_last format on Habana')
         return model.to(self.torch_device)
 
-    def make_optimizer(self, params, lr, momentum, weight_decay):
-        if self.lazy_mode:
-            from habana_frameworks.torch.hpex.optimizers import FusedSGD
-            return FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    def make_optimizer(self, params, lr, momentum, weight_decay, kind='sgd', nesterov=False, trust_coefficient=0.001):
+        """Lazy mode: Habana's FusedSGD, or for LARS its FusedLars over FusedResourceApplyMomentum as Habana's
+        1.7+ train.py builds it (one group and a per-parameter mask: True where LARS scales). Eager: torch's SGD
+        and optimizers.LARS."""
+        if not self.lazy_mode:
+            if kind == 'lars':
+                return super().make_optimizer(params, lr, momentum, weight_decay, kind, nesterov, trust_coefficient)
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        from habana_frameworks.torch.hpex import optimizers as hpex_optimizers
+        extra = {'nesterov': True} if nesterov else {}
+        if kind != 'lars':
+            return hpex_optimizers.FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **extra)
+        import optimizers
+        if nesterov:
+            raise UsageError('--nesterov: Habana\'s fused LARS has no Nesterov momentum; drop it or use '
+                             '--run-lazy-mode False (this port\'s LARS)')
+        group = optimizers.single_group(params)
+        momentum_optimizer = hpex_optimizers.FusedResourceApplyMomentum(
+            [{'params': group[0]['params']}], lr=lr, momentum=momentum, weight_decay=group[0]['weight_decay'])
+        return hpex_optimizers.FusedLars(momentum_optimizer, optimizers.lars_skip_mask(params),
+                                         eeta=trust_coefficient, eps=0.0)
 
     def _permutes_weights(self):
         return self.channels_last and not self.htcore.is_enabled_weight_permute_pass()
@@ -303,6 +332,18 @@ class HPUDevice(CPUDevice):
         self._permute(model, optimizer, to_filters_last=False)
         super().load_training_state(model, optimizer, model_state, optimizer_state)
         self._permute(model, optimizer, to_filters_last=True)
+
+    def module_state(self, module):
+        """On the host, conv weights back in KCRS when this run permutes them (the EMA copies the permuted model)."""
+        state = module.state_dict()
+        order = RSCK_TO_KCRS if self._permutes_weights() else None
+        return {k: (v.permute(order) if order and v.ndim == 4 else v).detach().to('cpu').contiguous()
+                for k, v in state.items()}
+
+    def load_module_state(self, module, state):
+        order = KCRS_TO_RSCK if self._permutes_weights() else None
+        module.load_state_dict({k: (v.permute(order).contiguous() if order and v.ndim == 4 else v)
+                                for k, v in state.items()})
 
     def pin_memory(self):
         return True

@@ -245,16 +245,20 @@ class ImageBatches(Dataset):
 
 
 class TrainBatches(ImageBatches):
-    """Item (epoch, indices) -> one augmented batch (RandomResizedCrop + flip), seeded per sample."""
+    """Item (epoch, indices, augment) -> one augmented batch, seeded per sample: RandomResizedCrop + flip, or
+    with augment False a random crop of the image resized to its validation size (shorter side
+    `plain_resize_size`) + flip, the LR-collapse recipe's phase without scale/aspect augmentation."""
 
-    def __init__(self, samples, crop_size, seed, region_decode=True):
+    def __init__(self, samples, crop_size, seed, region_decode=True, plain_resize_size=256):
         super().__init__(samples, crop_size)
         self.seed = seed
         self.region_decode = region_decode
+        self.plain_resize_size = plain_resize_size
 
     def __getitem__(self, key):
-        epoch, indices = key
-        return self._batch(indices, lambda out, index: self._augment_into(out, epoch, index))
+        epoch, indices, augment = key if len(key) == 3 else (*key, True)
+        fill = self._augment_into if augment else self._plain_crop_into
+        return self._batch(indices, lambda out, index: fill(out, epoch, index))
 
     def _augment_into(self, out, epoch, index):
         """Write sample `index`'s random crop, flipped with probability 0.5, into out."""
@@ -263,6 +267,18 @@ class TrainBatches(ImageBatches):
         box = random_resized_crop_box(image.height, image.width, rng)
         reduction = dct_reduction(box[2], box[3], self.out_size, self.out_size)
         resize_into(out, image.decode_box(box, reduction, self.region_decode))
+        if rng.random() < 0.5:
+            out.copy_(out.flip(1))
+
+    def _plain_crop_into(self, out, epoch, index):
+        rng = np.random.default_rng(samplers.sample_seed(self.seed, epoch, index))
+        image = EncodedImage(self.samples[index][0])
+        resized_h, resized_w = resized_shape(image.height, image.width, self.plain_resize_size)
+        resized = torch.empty((resized_h, resized_w, 3), dtype=torch.uint8)
+        resize_into(resized, image.decode())
+        top = int(rng.integers(0, max(resized_h - self.out_size, 0) + 1))
+        left = int(rng.integers(0, max(resized_w - self.out_size, 0) + 1))
+        out.copy_(resized[top:top + self.out_size, left:left + self.out_size])
         if rng.random() < 0.5:
             out.copy_(out.flip(1))
 
@@ -316,10 +332,10 @@ class NormalizedOnDevice:
 
 
 def build_loaders(dataset, dataset_test, train_sampler, test_sampler, *, batch_size, workers, device, pin_memory,
-                  start_method, crop_size=224, resize_size=256, val_crop_size=224, seed=0):
+                  start_method, crop_size=224, resize_size=256, val_crop_size=224, seed=0, plain_resize_size=256):
     """(train loader, validation loader) yielding normalised float images on `device` (channels_last) and
     int64 targets."""
-    train = TrainBatches(list(dataset.samples), crop_size, seed)
+    train = TrainBatches(list(dataset.samples), crop_size, seed, plain_resize_size=plain_resize_size)
     test = EvalBatches(list(dataset_test.samples), resize_size, val_crop_size)
     return tuple(NormalizedOnDevice(batch_loader(batches, keys, workers, pin_memory, start_method), device)
                  for batches, keys in ((train, samplers.EpochBatchSampler(train_sampler, batch_size)),

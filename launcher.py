@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 import cli
+import recipes
 from cli import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -301,14 +302,51 @@ def read_single_dash_spellings(argv):
     return fixed
 
 
+# The demos' spellings of trainer flags that recipes set under train.py's names.
+RECIPE_FLAG_SPELLINGS = {'--learning-rate': '--lr', '--weight-decay': '--wd'}
+
+
+def with_recipe(command, parser, argv, args, world_size):
+    """The trainer arguments with --recipe: the demo's own defaults give way to the recipe's values (a flag the
+    recipe sets is passed on only when given on the demo's command line), then --recipe itself."""
+    if args.recipe == recipes.DEFAULT:
+        return command
+    recipe = recipes.RECIPES[args.recipe]
+    model = getattr(args, 'model', 'googlenet')
+    batch = args.batch_size if 'batch_size' in recipes.given_dests(parser, argv) else \
+        recipes.recipe_batch_size(recipe, model, args.batch_size)
+    tokens, _ = recipe.flags(model, world_size * batch) if not recipe.models or model in recipe.models else ([], [])
+    recipe_flags = {token for token in tokens if token.startswith('--')}
+    given = {flag for action in parser._actions for flag in action.option_strings
+             if action.dest in recipes.given_dests(parser, argv)}
+
+    def dropped(item):
+        flag = item.partition('=')[0]
+        return RECIPE_FLAG_SPELLINGS.get(flag, flag) in recipe_flags and flag not in given
+    return [item for item in command if not dropped(item)] + ['--recipe', args.recipe]
+
+
+def print_schedule(trainer, command, world_size):
+    """--print-schedule: the trainer prints the schedule for the world size, once, without mpirun."""
+    return subprocess.call([sys.executable, os.path.join(HERE, trainer), *command, f'--world-size={world_size}',
+                            '--print-schedule'])
+
+
 def launch_demo(parser, trainer_args, trainer, print_namespace, argv):
-    args = parser.parse_args(read_single_dash_spellings(argv))
+    argv = read_single_dash_spellings(argv)
+    args = parser.parse_args(argv)
+    recipes.check_name(args.recipe)
+    if args.recipe == 'list':
+        print(recipes.listing())
+        return 0
     if print_namespace:
         print(args)
     world_size = 8 if args.dist and args.world_size == 1 else args.world_size  # as the originals
     placement = place_ranks(world_size, args.process_per_node, os.environ)
-    trainer_command = [sys.executable, os.path.join(HERE, trainer),
-                       *trainer_args(args, placement.process_per_node or None), *dist_timeout_args(args.dist_timeout)]
+    command = with_recipe(trainer_args(args, placement.process_per_node or None), parser, argv, args, world_size)
+    if args.print_schedule:
+        return print_schedule(trainer, command, world_size)
+    trainer_command = [sys.executable, os.path.join(HERE, trainer), *command, *dist_timeout_args(args.dist_timeout)]
     launch = plan_launch(trainer_command, placement, host_topology(os.environ), os.environ)
     if launch.notice:
         print(launch.notice, file=sys.stderr, flush=True)
@@ -354,6 +392,11 @@ def add_launch_flags(parser, world_size, process_per_node, dist_flag, world_size
                         help='passed to the trainer: longest wait for the other ranks (trainer default: 600)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the command and exported variables, start nothing')
+    parser.add_argument('--recipe', default=recipes.DEFAULT, metavar='NAME',
+                        help='passed to the trainer: a named recipe whose values replace this script\'s defaults '
+                             '(flags given here still win); "--recipe list" describes them')
+    parser.add_argument('--print-schedule', action='store_true',
+                        help='print the schedule for these flags and --world-size (the trainer, once), start nothing')
 
 
 def add_train_py_flags(parser, model, dl_worker_type):

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import data
 import fast_jpeg
 import samplers
+from cli import UsageError
 
 
 class Loaders(NamedTuple):
@@ -30,15 +31,36 @@ def habana_dataloader_class():
     return habana_dataloader.HabanaDataLoader
 
 
-def resolve_kind(requested):
+def resolve_kind(requested, say=True):
     """The loader that will really run for --dl-worker-type: HABANA needs the habana_dataloader package."""
     if requested == 'HABANA' and habana_dataloader_class() is None:
-        print('habana_dataloader is not installed: --dl-worker-type HABANA uses the fast JPEG pipeline (FAST)')
+        if say:
+            print('habana_dataloader is not installed: --dl-worker-type HABANA uses the fast JPEG pipeline (FAST)')
         return 'FAST'
     return requested
 
 
-def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size, cache_dir=None, is_main=True):
+class Augmentation(NamedTuple):
+    """The MP pipeline's training augmentation beyond the reference crop and flip (torchvision's flags)."""
+    auto_augment: str = None
+    random_erase: float = 0.0
+    ra_magnitude: int = 9
+    augmix_severity: int = 3
+
+    def fast_refusal(self):
+        """The flag the FAST pipeline cannot honour (it decodes, crops and flips in its workers), else None."""
+        if self.auto_augment:
+            return '--auto-augment'
+        if self.random_erase:
+            return '--random-erase'
+        return None
+
+
+NO_AUGMENTATION = Augmentation()
+
+
+def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size, cache_dir=None, is_main=True,
+                  augmentation=NO_AUGMENTATION):
     """(training ImageFolder, validation ImageFolder) of data_path/train and data_path/val, with upstream's
     progress lines. Validation takes the training split's labels; a validation class training lacks is an
     error, found before any file is listed."""
@@ -48,7 +70,8 @@ def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size,
     data.check_class_lists(train_dir, val_dir)
     print('Loading training data')
     started = time.time()
-    dataset = data.image_folder(train_dir, data.train_transform(train_crop_size), cache_dir=cache_dir, is_main=is_main)
+    dataset = data.image_folder(train_dir, data.train_transform(train_crop_size, *augmentation), cache_dir=cache_dir,
+                                is_main=is_main)
     print('Took', time.time() - started)
     print('Loading validation data')
     dataset_test = data.image_folder(val_dir, data.eval_transform(val_resize_size, val_crop_size),
@@ -56,27 +79,44 @@ def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size,
     return dataset, dataset_test
 
 
+def check_augmentation(kind, augmentation, plain_crop_epochs):
+    """Refuse, before any file is listed, augmentation the loader that will run cannot do."""
+    refused = augmentation.fast_refusal()
+    if kind != 'MP' and refused:
+        raise UsageError(f'{refused} runs in the MP pipeline\'s PIL transforms; --dl-worker-type {kind} '
+                         'does RandomResizedCrop and flip (and mixup/cutmix on the device): use --dl-worker-type MP')
+    if kind == 'HABANA' and plain_crop_epochs:
+        raise UsageError('--dl-worker-type HABANA: habana_dataloader cannot turn off scale/aspect augmentation for '
+                         'the schedule\'s noaug phase; use --dl-worker-type FAST or MP')
+
+
 def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seeded, device, pin_memory,
           worker_start_method, train_crop_size=224, val_resize_size=256, val_crop_size=224, cache_dataset=False,
-          output_dir='', loader_seed=0):
+          output_dir='', loader_seed=0, augmentation=NO_AUGMENTATION, plain_crop_epochs=False):
     """Loaders for data_path (train/ and val/ class folders).
 
     seed: the training order's (DistributedSampler's) seed. seeded: each sample's augmentation is drawn from
     (seed, epoch, index), so runs repeat (the FAST pipeline always does this, from loader_seed). device,
     pin_memory, worker_start_method: the device layer's (FAST normalises on the device). cache_dataset: keep
-    the file lists under output_dir (--cache-dataset).
+    the file lists under output_dir (--cache-dataset). augmentation: --auto-augment and --random-erase (MP
+    only). plain_crop_epochs: some epochs train without scale/aspect augmentation (train_sampler.set_epoch's
+    `augment`; an LR-collapse phase), so the MP samples are keyed with the setting.
     """
     kind = resolve_kind(kind)
+    check_augmentation(kind, augmentation, plain_crop_epochs)
     cache_dir = data.dataset_cache_dir(output_dir) if cache_dataset else None
     dataset, dataset_test = load_datasets(data_path, train_crop_size=train_crop_size, val_resize_size=val_resize_size,
-                                          val_crop_size=val_crop_size, cache_dir=cache_dir, is_main=rank == 0)
+                                          val_crop_size=val_crop_size, cache_dir=cache_dir, is_main=rank == 0,
+                                          augmentation=augmentation)
     print('Creating data loaders')
-    seeded_mp = seeded and kind == 'MP'
-    train_sampler = samplers.train_sampler(dataset, world_size, rank, seed, seeded_mp)
+    plain_resize_size = max(val_resize_size, train_crop_size)
+    keyed_mp = kind == 'MP' and (seeded or plain_crop_epochs)
+    train_sampler = samplers.train_sampler(dataset, world_size, rank, seed, keyed_mp)
     test_sampler = samplers.ShardedEvalSampler(len(dataset_test), world_size, rank)
     classes = list(dataset.classes)
-    if seeded_mp:
-        dataset = samplers.SeededAugmentation(dataset, seed)
+    if keyed_mp:
+        dataset = samplers.SeededAugmentation(dataset, seed if seeded else None,
+                                              data.plain_crop_transform(plain_resize_size, train_crop_size))
     if kind == 'HABANA':
         loader_class = habana_dataloader_class()
         train, val = (loader_class(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=True,
@@ -86,7 +126,8 @@ def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seede
         train, val = fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size=batch_size,
                                              workers=workers, device=device, pin_memory=pin_memory,
                                              start_method=worker_start_method, crop_size=train_crop_size,
-                                             resize_size=val_resize_size, val_crop_size=val_crop_size, seed=loader_seed)
+                                             resize_size=val_resize_size, val_crop_size=val_crop_size, seed=loader_seed,
+                                             plain_resize_size=plain_resize_size)
     else:
         train, val = (data.make_loader(ds, batch_size, sampler, workers, pin_memory, is_train, worker_start_method,
                                        loader_seed)

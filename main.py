@@ -14,7 +14,6 @@ import time
 from collections import namedtuple
 
 import torch
-import torch.nn as nn
 from torchvision.models import GoogLeNetOutputs
 
 import checkpoints
@@ -22,6 +21,7 @@ import cli
 import devices
 import distributed
 import loaders
+import recipe_flags
 import stopping
 import training
 import utils
@@ -126,8 +126,9 @@ def update_accuracy(top1, top5, logits, target):
 
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
-          warm_up=False, stop=None, first_step=0):
-    """One epoch (from `first_step` after a mid-epoch stop). Returns (images trained, step to resume from when a
+          warm_up=False, stop=None, first_step=0, extras=None, model_without_ddp=None):
+    """One epoch (from `first_step` after a mid-epoch stop), with a recipe's `extras` around each step
+    (training.StepExtras). Returns (images trained, step to resume from when a
     stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
     next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
@@ -147,10 +148,14 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
         distributed.progress(epoch, i)
         images, target = dev.to_device(images, target)
         window.data_ready()
+        lr = optimizer.param_groups[0]['lr']
+        inputs, loss_target = extras.inputs(images, target) if extras is not None else (images, target)
         output, loss = training.train_step(model, functools.partial(training_loss, criterion), optimizer, dev,
-                                           images, target)
+                                           inputs, loss_target, extras.clip_grad_norm if extras else None)
+        if extras is not None:
+            extras.after_step(model_without_ddp, epoch, i)
         window.step_done(images.shape[0])
-        nonfinite.track(loss, i, optimizer.param_groups[0]['lr'])
+        nonfinite.track(loss, i, lr)
 
         printed = (i - first_step) % print_interval == 0
         if printed:
@@ -171,15 +176,16 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
     return window.total_images, None
 
 
-def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None):
+def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None, label=''):
     """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed.
-    None when a stop signal cut it short (each rank leaves its loop on its own)."""
+    None when a stop signal cut it short (each rank leaves its loop on its own). `label` names the model
+    in the lines ('EMA')."""
     batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
     rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', WARM_UP_WINDOWS)
     losses, top1, top5 = loss_and_accuracy_meters()
-    progress = ProgressMeter(len(val_loader), [batch_time, rate, losses, top1, top5], prefix='Test: ')
+    progress = ProgressMeter(len(val_loader), [batch_time, rate, losses, top1, top5], prefix=f'Test{" " + label if label else ""}: ')
 
-    print('MODEL EVAL')
+    print(f'MODEL EVAL{" " + label if label else ""}')
     model.eval()
     window = PrintWindow()
     with torch.no_grad():
@@ -205,10 +211,10 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
     top1.synchronize_between_processes(dev.collective_device)
     top5.synchronize_between_processes(dev.collective_device)
     if stop is not None and stop.signum:
-        print(f'Test: cut short by {stop.signal_name} after {top1.count} images')
+        print(f'{progress.prefix}cut short by {stop.signal_name} after {top1.count} images')
         return None
-    print(f'Test: evaluated {top1.count} images')
-    print(f' * Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f}')
+    print(f'{progress.prefix}evaluated {top1.count} images')
+    print(f' *{" " + label if label else ""} Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f}')
     return top1.global_avg
 
 
@@ -219,14 +225,14 @@ def checkpoint_paths(output_dir, epoch, device, is_best):
     return paths
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
-                    num_classes, position=None):
+def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, is_best, args,
+                    num_classes, position=None, ema=None):
     """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best.
 
     After a mid-epoch stop (at `position`: samples of the epoch's order trained) the file also holds what a
     resume needs to continue exactly.
     """
-    fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, 'lr_scheduler': lr_scheduler.state_dict()}
+    fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, **training.schedule_fields(schedule, ema)}
     return training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields,
                                     checkpoint_paths(args.output_dir, epoch, args.device, is_best),
                                     model_key='state_dict', position=position)
@@ -243,13 +249,13 @@ def check_aux_heads(state_dict, model, path):
         raise UsageError(f"--resume: '{path}' was trained {how} the auxiliary classifiers; {fix} to resume it")
 
 
-def resume(path, dev, model_without_ddp, optimizer, lr_scheduler, model_name, num_classes):
+def resume(path, dev, model_without_ddp, optimizer, schedule, model_name, num_classes, ema=None):
     """Load model, optimizer and schedule from `path`; returns training.Resumed (best_acc1 in its checkpoint)."""
     print(f"=> loading checkpoint '{path}'")
     checkpoint = checkpoints.load(path, model_name, num_classes,
                                   ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
-    resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, 'state_dict')
+    resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'state_dict', ema)
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
     return resumed
 
@@ -285,7 +291,9 @@ def load_data(args, dev, ranks):
                          device=dev.torch_device, pin_memory=dev.pin_memory(),
                          worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
                          val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
-                         loader_seed=args.seed if seeded else int(torch.randint(2 ** 31, ()).item()))
+                         loader_seed=args.seed if seeded else int(torch.randint(2 ** 31, ()).item()),
+                         augmentation=recipe_flags.augmentation(args),
+                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args))
 
 
 def check_args(args):
@@ -298,6 +306,7 @@ def check_args(args):
         ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    recipe_flags.check(args)
     if args.is_amp:
         raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
                          'mixed precision) on hpu, gpu and cpu')
@@ -305,6 +314,8 @@ def check_args(args):
 
 def main(args):
     check_args(args)
+    if args.print_schedule:
+        return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size))
     dev, ranks = training.start(TORCH_DEVICE_KIND[args.device], output_dir=args.output_dir, writes=not args.evaluate,
                                 dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=True,
                                 hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
@@ -325,19 +336,29 @@ def main(args):
     print('Creating model ', args.model)
     model = training.place_model(dev, build_model(args.model, num_classes, args.pretrained, not args.no_aux_logits,
                                                   bool(args.resume)))
-    criterion = nn.CrossEntropyLoss()
-    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    criterion = training.make_criterion(args.label_smoothing)
+    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
+                                        nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
+                                        bias_weight_decay=args.bias_weight_decay,
+                                        trust_coefficient=args.lars_trust_coefficient)
+    global_batch = ranks.world_size * args.batch_size
+    schedule = recipe_flags.make_schedule(optimizer, args, len(train_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, **DDP_SETTINGS)
+    ema = training.make_ema(model_without_ddp, args.model_ema_decay, args.model_ema_steps, global_batch,
+                            args.epochs) if args.model_ema else None
+    extras = training.StepExtras(schedule, training.make_batch_mix(args.mixup_alpha, args.cutmix_alpha, num_classes),
+                                 args.clip_grad_norm, ema, args.model_ema_steps, args.lr_warmup_epochs)
 
     best_acc1, resumed = 0.0, training.NOT_RESUMED
     if args.resume:
-        resumed = resume(args.resume, dev, model_without_ddp, optimizer, lr_scheduler, args.model, num_classes)
+        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, num_classes, ema)
         best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
     if args.evaluate:
         validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps)
+        if ema is not None:
+            validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, label='EMA')
         return
 
     epoch_time = AverageMeter('EpochTime', ':6.3f')
@@ -347,24 +368,31 @@ def main(args):
     images_trained = 0
 
     def save(position):
-        return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, False, args,
-                               num_classes, position)
+        return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, False, args,
+                               num_classes, position, ema)
 
     for epoch in range(args.start_epoch, args.epochs):
-        first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed)
+        first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed,
+                                          augment=schedule.augments(epoch))
         print('training epoch ', epoch)
         images, stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
                                    num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch,
-                                   stop=stop, first_step=first_step)
+                                   stop=stop, first_step=first_step, extras=extras,
+                                   model_without_ddp=model_without_ddp)
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
             return training.stop_and_save(stop, save, epoch, position, stopped_at - 1)
-        lr_scheduler.step()
+        schedule.after_epoch()
         distributed.broadcast_buffers(model_without_ddp)
 
-        print('validating epoch ', epoch)
-        acc1 = validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps, stop)
+        acc1 = None
+        if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
+            print('validating epoch ', epoch)
+            acc1 = validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,
+                            stop)
+            if ema is not None:
+                validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, stop, label='EMA')
         epoch_time.update(time.time() - epoch_start)
         epoch_start = time.time()
         ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
@@ -374,8 +402,8 @@ def main(args):
         best_acc1 = best_acc1 if acc1 is None else max(acc1, best_acc1)
         if args.save_checkpoint > 0 and (epoch + 1) % args.save_checkpoint == 0:
             print('saving ckpt epoch ', epoch)
-            save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, best_acc1, is_best, args,
-                            num_classes)
+            save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, is_best, args,
+                            num_classes, ema=ema)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
             return training.stop_and_save(stop, save, epoch)
 
@@ -435,7 +463,10 @@ def get_args_parser(add_help=True):
     # Added: where checkpoints go (the original writes to the current directory, still the default),
     # and train.py's image sizes, so small images and quick runs are possible.
     parser.add_argument('--output-dir', default='.', help='where to write checkpoints (default: current directory)')
+    parser.add_argument('--world-size', default=1, type=int,
+                        help='ranks, for --print-schedule and --recipe outside a launcher (a launcher\'s variables win)')
     cli.add_image_size_args(parser)
+    cli.add_recipe_args(parser)
     ignored = cli.compatibility_group(parser)
     ignored.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'],
                          help='Imagenet, the one type: any train/ and val/ ImageFolder is read')
@@ -447,4 +478,4 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == '__main__':
-    cli.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())
+    cli.run_cli(distributed.reporting_stopped_peers(main), recipe_flags.parse_args(get_args_parser(), sys.argv[1:]))

@@ -23,21 +23,32 @@ def sample_seed(seed, epoch, index):
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
-    """Dataset whose items are keyed (epoch, index): each sample's random augmentation is seeded by
-    (seed, epoch, index), so it does not depend on how many workers load it or in which order."""
+    """Dataset whose items are keyed (epoch, index, augment): with a seed, each sample's random augmentation is
+    seeded by (seed, epoch, index), so it does not depend on how many workers load it or in which order; with
+    augment False (an LR-collapse phase without scale/aspect augmentation) `plain_transform` replaces the
+    dataset's own. The key travels with the sample, so persistent workers follow the epoch's setting."""
 
-    def __init__(self, dataset, seed):
+    def __init__(self, dataset, seed, plain_transform=None):
         self.dataset = dataset
         self.seed = seed
+        self.plain_transform = plain_transform
 
     def __len__(self):
         return len(self.dataset)
 
+    def _load(self, index, augment):
+        if augment or self.plain_transform is None:
+            return self.dataset[index]
+        path, target = self.dataset.samples[index]
+        return self.plain_transform(self.dataset.loader(path)), target
+
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, index, augment = key if len(key) == 3 else (*key, True)
+        if self.seed is None:
+            return self._load(index, augment)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.dataset[index]
+            return self._load(index, augment)
 
     def __getattr__(self, name):  # classes, samples, ... of the wrapped ImageFolder
         if name == 'dataset':
@@ -46,7 +57,7 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 
 class EpochIndexSampler(Sampler):
-    """Yields (epoch, index) pairs from a TrainSampler, for SeededAugmentation."""
+    """Yields (epoch, index, augment) from a TrainSampler, for SeededAugmentation."""
 
     def __init__(self, sampler):
         self.sampler = sampler
@@ -63,15 +74,15 @@ class EpochIndexSampler(Sampler):
     def num_replicas(self):
         return self.sampler.num_replicas
 
-    def set_epoch(self, epoch, start=0):
-        self.sampler.set_epoch(epoch, start)
+    def set_epoch(self, epoch, start=0, augment=True):
+        self.sampler.set_epoch(epoch, start, augment)
 
     def position_after(self, batches, batch_size):
         return self.sampler.position_after(batches, batch_size)
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, index) for index in self.sampler)
+        epoch, augment = self.epoch, self.sampler.augment
+        return ((epoch, index, augment) for index in self.sampler)
 
     def __len__(self):
         return len(self.sampler)
@@ -128,11 +139,14 @@ class TrainSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.start = 0
+        self.augment = True
 
-    def set_epoch(self, epoch, start=0):
-        """Iterate epoch `epoch` from position `start` (samples of its order already trained on)."""
+    def set_epoch(self, epoch, start=0, augment=True):
+        """Iterate epoch `epoch` from position `start` (samples of its order already trained on), with or without
+        scale/aspect augmentation (the loaders read `augment` from the keys this sampler's wrappers yield)."""
         self.epoch = epoch
         self.start = min(max(start, 0), self.dataset_len)
+        self.augment = augment
 
     def epoch_order(self):
         g = torch.Generator()
@@ -163,7 +177,7 @@ class TrainSampler(Sampler):
 
 
 class EpochBatchSampler:
-    """(epoch, indices) for each training batch of the sampler's current epoch, batched like
+    """(epoch, indices, augment) for each training batch of the sampler's current epoch, batched like
     TrainBatchSampler (a trailing batch of one sample is left out)."""
 
     def __init__(self, sampler, batch_size):
@@ -171,16 +185,17 @@ class EpochBatchSampler:
         self.batches = TrainBatchSampler(self.sampler, batch_size)
 
     def __iter__(self):
-        epoch = self.sampler.epoch
-        return ((epoch, batch) for batch in self.batches)
+        epoch, augment = self.sampler.epoch, getattr(self.sampler, 'augment', True)
+        return ((epoch, batch, augment) for batch in self.batches)
 
     def __len__(self):
         return len(self.batches)
 
 
-def train_sampler(dataset, world_size, rank, seed, deterministic):
+def train_sampler(dataset, world_size, rank, seed, keyed):
+    """The training sampler; `keyed`: yielding (epoch, index, augment) for SeededAugmentation."""
     sampler = TrainSampler(len(dataset), num_replicas=world_size, rank=rank, seed=seed)
-    return EpochIndexSampler(sampler) if deterministic else sampler
+    return EpochIndexSampler(sampler) if keyed else sampler
 
 
 def epoch_seed(seed, epoch):

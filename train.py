@@ -12,13 +12,13 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
 import checkpoints
 import cli
 import devices
 import distributed
 import loaders
+import recipe_flags
 import stopping
 import training
 import utils
@@ -26,8 +26,9 @@ from cli import UsageError
 
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
-                    num_train_steps=sys.maxsize, stop=None, first_step=0):
-    """Train one epoch (from `first_step` when resuming mid-epoch).
+                    num_train_steps=sys.maxsize, stop=None, first_step=0, extras=None, model_without_ddp=None):
+    """Train one epoch (from `first_step` when resuming mid-epoch), with a recipe's `extras` around each step
+    (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update).
 
     Returns (images trained, step to resume from when a stop signal ended the epoch early, else None).
     The meters are updated on logged steps only, where the step waits for the device anyway; a NaN or
@@ -46,15 +47,22 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
         distributed.progress(epoch, step)
         image, target = dev.to_device(image, target)
         throughput.data_ready()
-        output, loss = training.train_step(model, criterion, optimizer, dev, image, target)
+        lr = optimizer.param_groups[0]['lr']
+        if extras is not None:
+            image, loss_target = extras.inputs(image, target)
+            output, loss = training.train_step(model, criterion, optimizer, dev, image, loss_target,
+                                               extras.clip_grad_norm)
+            extras.after_step(model_without_ddp, epoch, step)
+        else:
+            output, loss = training.train_step(model, criterion, optimizer, dev, image, target)
         throughput.step_done(image.shape[0])
-        nonfinite.track(loss, step, optimizer.param_groups[0]['lr'])
+        nonfinite.track(loss, step, lr)
 
         if (step - first_step) % print_freq == 0:
             nonfinite.check(epoch)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
             batch_size = throughput.images
-            metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
+            metric_logger.update(loss=loss.item(), lr=lr)
             metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
             metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
             metric_logger.meters['img/s'].update(throughput.images_per_second())
@@ -64,14 +72,15 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
     return throughput.total_images, None
 
 
-def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None):
+def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None, log_suffix=''):
     """Top-1 accuracy over the validation set, or None when there was nothing to evaluate or a stop signal
-    cut it short (each rank leaves its loop on its own: the only collective is the final sum)."""
+    cut it short (each rank leaves its loop on its own: the only collective is the final sum). `log_suffix`
+    names the model in the lines, as torchvision's ('EMA')."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     for name in ('loss', 'acc1', 'acc5'):  # every rank must all-reduce the same meters, even with no batch
         metric_logger.add_meter(name, utils.SmoothedValue())
-    header = 'Test:'
+    header = f'Test: {log_suffix}'.strip()
     stopping = stop is not None and stop.signum
     with torch.no_grad():
         for image, target in [] if stopping else metric_logger.log_every(data_loader, print_freq, header,
@@ -90,12 +99,13 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
                 break
     metric_logger.synchronize_between_processes()
     if stop is not None and stop.signum:
-        print(f'Test: cut short by {stop.signal_name} after {metric_logger.acc1.count} images')
+        print(f'{header} cut short by {stop.signal_name} after {metric_logger.acc1.count} images')
         return None
     if metric_logger.acc1.count == 0:  # --num-eval-steps 0 or an empty split: nothing to report
         return None
-    print(f'Test: evaluated {metric_logger.acc1.count} images')
-    print(f' * Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f}')
+    print(f'{header} evaluated {metric_logger.acc1.count} images')
+    summary = f'Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f}'
+    print(f'{header} {summary}' if log_suffix else f' * {summary}')
     return metric_logger.acc1.global_avg
 
 
@@ -109,7 +119,9 @@ def load_data(data_path, args, dev, ranks):
                          worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
                          val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
                          cache_dataset=args.cache_dataset, output_dir=args.output_dir,
-                         loader_seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()))
+                         loader_seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()),
+                         augmentation=recipe_flags.augmentation(args),
+                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args))
 
 
 def custom_lr_table(base_lr, values, milestones, epochs):
@@ -155,7 +167,12 @@ def check_args(args):
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
-    return custom_lr_table(args.lr, args.custom_lr_values, args.custom_lr_milestones, args.epochs)
+    recipe_flags.check(args)
+    lr_table = custom_lr_table(args.lr, args.custom_lr_values, args.custom_lr_milestones, args.epochs)
+    if lr_table and args.lr_scheduler != 'steplr' or lr_table and args.lr_warmup_epochs:
+        raise UsageError(f'--custom-lr-values is a schedule of its own; it cannot be combined with --lr-scheduler '
+                         f'{args.lr_scheduler} or --lr-warmup-epochs')
+    return lr_table
 
 
 def set_epoch_lr(optimizer, lr_table, epoch):
@@ -165,7 +182,7 @@ def set_epoch_lr(optimizer, lr_table, epoch):
             group['lr'] = lr_table[epoch]
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position=None):
+def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, num_classes, position=None, ema=None):
     """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth; or, when a run stops
     mid-epoch (at `position`: samples of the epoch's order trained), to checkpoint.pth alone with what a
     resume needs to continue exactly. Returns checkpoint.pth's path (None without --output-dir)."""
@@ -173,8 +190,7 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args
         return None
     latest = os.path.join(args.output_dir, 'checkpoint.pth')
     paths = [latest] if position is not None else [os.path.join(args.output_dir, f'model_{epoch}.pth'), latest]
-    fields = {'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None, 'epoch': epoch,
-              'args': checkpoints.plain_args(args)}
+    fields = {**training.schedule_fields(schedule, ema), 'epoch': epoch, 'args': checkpoints.plain_args(args)}
     training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields, paths,
                              position=position)
     return latest
@@ -182,6 +198,8 @@ def save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args
 
 def main(args):
     lr_table = check_args(args)
+    if args.print_schedule:
+        return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size))
     dev, ranks = training.start(args.device, output_dir=args.output_dir, writes=not args.test_only,
                                 dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=args.channels_last,
                                 hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
@@ -201,47 +219,63 @@ def main(args):
     model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained), args.sync_bn,
                                  ranks.distributed)
 
-    criterion = nn.CrossEntropyLoss()
-    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay)
-    lr_scheduler = None if lr_table else torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    criterion = training.make_criterion(args.label_smoothing)
+    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
+                                        nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
+                                        bias_weight_decay=args.bias_weight_decay,
+                                        trust_coefficient=args.lars_trust_coefficient)
+    global_batch = ranks.world_size * args.batch_size
+    schedule = None if lr_table else recipe_flags.make_schedule(optimizer, args, len(data_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
+    ema = training.make_ema(model_without_ddp, args.model_ema_decay, args.model_ema_steps, global_batch,
+                            args.epochs) if args.model_ema else None
+    extras = training.StepExtras(schedule or training.NO_SCHEDULE,
+                                 training.make_batch_mix(args.mixup_alpha, args.cutmix_alpha, num_classes),
+                                 args.clip_grad_norm, ema, args.model_ema_steps, args.lr_warmup_epochs)
 
     resumed = training.NOT_RESUMED
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'))
-        resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, 'model')
+        resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'model', ema)
         args.start_epoch = resumed.start_epoch
 
     if args.test_only:
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
+        if ema is not None:
+            evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, log_suffix='EMA')
         return
 
     print('Start training')
     stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
 
     def save(position):
-        return save_checkpoint(dev, model_without_ddp, optimizer, lr_scheduler, epoch, args, num_classes, position)
+        return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, num_classes, position, ema)
 
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size,
-                                          args.seed if args.deterministic else None)
+                                          args.seed if args.deterministic else None,
+                                          augment=schedule.augments(epoch) if schedule else True)
         set_epoch_lr(optimizer, lr_table, epoch)
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
                                              dl_time_exclude=args.dl_time_exclude,
-                                             num_train_steps=args.num_train_steps, stop=stop, first_step=first_step)
+                                             num_train_steps=args.num_train_steps, stop=stop, first_step=first_step,
+                                             extras=extras, model_without_ddp=model_without_ddp)
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
             return training.stop_and_save(stop, save, epoch, position, stopped_at - 1)
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+        if schedule is not None:
+            schedule.after_epoch()
         distributed.broadcast_buffers(model_without_ddp)
-        evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop)
+        if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
+            evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop)
+            if ema is not None:
+                evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop,
+                         log_suffix='EMA')
         if args.save_checkpoint:
             save(None)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
@@ -311,6 +345,7 @@ def get_args_parser(add_help=True):
                         help='seed every RNG and each sample\'s augmentation, so runs repeat exactly')
     cli.add_hmp_args(parser, bf16_default='', fp32_default='')
     cli.add_image_size_args(parser)
+    cli.add_recipe_args(parser)
     ignored = cli.compatibility_group(parser)
     ignored.add_argument('--process-per-node', default=8, type=int, metavar='N',
                          help='processes per node: the launcher (mpirun, torchrun) places the ranks')
@@ -319,4 +354,4 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == '__main__':
-    cli.run_cli(distributed.reporting_stopped_peers(main), get_args_parser().parse_args())
+    cli.run_cli(distributed.reporting_stopped_peers(main), recipe_flags.parse_args(get_args_parser(), sys.argv[1:]))

@@ -19,6 +19,7 @@ import checkpoints
 import devices
 import distributed
 import model as models
+import optimizers
 import samplers
 from cli import UsageError
 
@@ -72,11 +73,89 @@ def place_model(dev, model, sync_bn=False, distributed=False):
     return model
 
 
-def make_optimizer(dev, model, lr, momentum, weight_decay):
-    """The device's SGD (fused where it has one) over the model's parameters, laid out for the device."""
-    optimizer = dev.make_optimizer(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_optimizer(dev, model, lr, momentum, weight_decay, *, kind='sgd', nesterov=False, norm_weight_decay=None,
+                   bias_weight_decay=None, trust_coefficient=0.001):
+    """The device's SGD or LARS (fused where it has one) over the model's parameter groups (optimizers.py: one
+    group by default; --norm-weight-decay, --bias-weight-decay and LARS split them), laid out for the device."""
+    try:
+        groups = optimizers.param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay, kind == 'lars')
+    except ValueError as err:
+        raise UsageError(f'--optimizer lars: {err}') from None
+    if len(groups) > 1:
+        print('Optimizer groups: ' + optimizers.describe(groups))
+    groups = [{k: v for k, v in group.items() if k != 'names'} for group in groups]  # the default stays as before
+    optimizer = dev.make_optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, kind=kind,
+                                   nesterov=nesterov, trust_coefficient=trust_coefficient)
     dev.after_optimizer_created(model, optimizer)
     return optimizer
+
+
+def make_criterion(label_smoothing=0.0):
+    """Cross entropy, with --label-smoothing; it takes class indices or, after mixup/cutmix, probabilities."""
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def make_batch_mix(mixup_alpha, cutmix_alpha, num_classes):
+    """torchvision.transforms.v2's MixUp and CutMix (one of the two per batch when both are on), applied on the
+    device to the normalised batch, so the FAST pipeline's uint8 batches take them too; None when both are off.
+    They draw from the global RNG, which a mid-epoch checkpoint saves, so a resume repeats them."""
+    from torchvision.transforms import v2
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+            ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def make_ema(model_without_ddp, decay, steps, global_batch, epochs):
+    """torch.optim.swa_utils.AveragedModel keeping an exponential moving average of weights and buffers, updated
+    every `steps` steps. `decay` is per image as torchvision's --model-ema-decay: its per-update value is
+    1 - min(1, (1 - decay) * global_batch * steps / epochs), torchvision's adjustment."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    alpha = min(1.0, (1.0 - decay) * global_batch * steps / epochs)
+    print(f'EMA of the weights: decay {1.0 - alpha:.6g} per update, every {steps} steps')
+    return AveragedModel(model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(1.0 - alpha), use_buffers=True)
+
+
+class _NoSchedule:
+    """The schedule of a run with --custom-lr-values (train.py sets the table's LR per epoch itself)."""
+
+    def after_step(self):
+        pass
+
+
+NO_SCHEDULE = _NoSchedule()
+
+
+def evaluates_after(epoch, epochs, between=1, offset=0):
+    """Whether to evaluate after `epoch`: every `between` epochs from `offset` (Habana 1.7+'s -ebe/-eoe, MLPerf's
+    evaluation every 4 epochs), and always after the last."""
+    return epoch + 1 == epochs or (epoch >= offset and (epoch - offset) % between == 0)
+
+
+class StepExtras:
+    """What a recipe adds around the optimizer step: mixup/cutmix of the batch, gradient clipping, the schedule's
+    per-iteration step, and the EMA update (as torchvision's: every `ema_steps` steps of the epoch, and during
+    the LR warm-up the average restarts from the model)."""
+
+    def __init__(self, schedule, mix=None, clip_grad_norm=None, ema=None, ema_steps=32, warmup_epochs=0.0):
+        self.schedule = schedule
+        self.mix = mix
+        self.clip_grad_norm = clip_grad_norm
+        self.ema = ema
+        self.ema_steps = ema_steps
+        self.warmup_epochs = warmup_epochs
+
+    def inputs(self, image, target):
+        """(images, loss targets): mixed batch and probability targets with mixup/cutmix."""
+        return self.mix(image, target) if self.mix is not None else (image, target)
+
+    def after_step(self, model_without_ddp, epoch, step):
+        self.schedule.after_step()
+        if self.ema is not None and step % self.ema_steps == 0:
+            self.ema.update_parameters(model_without_ddp)
+            if epoch < self.warmup_epochs:
+                self.ema.n_averaged.fill_(0)
 
 
 def wrap_ddp(dev, model, distributed, model_name, **ddp_options):
@@ -98,13 +177,22 @@ class Resumed(NamedTuple):
 NOT_RESUMED = Resumed(0, 0, None, {})
 
 
-def resume(checkpoint, dev, model_without_ddp, optimizer, lr_scheduler, model_key):
-    """Load a checkpoint read by checkpoints.load into model, optimizer and schedule (the model under
-    `model_key`: 'model' for train.py, 'state_dict' for main.py). Returns Resumed."""
+def resume(checkpoint, dev, model_without_ddp, optimizer, schedule, model_key, ema=None):
+    """Load a checkpoint read by checkpoints.load into model, optimizer, schedule (schedules.Schedule, or None
+    with --custom-lr-values) and EMA (the model under `model_key`: 'model' for train.py, 'state_dict' for
+    main.py). Returns Resumed."""
     dev.load_training_state(model_without_ddp, optimizer, checkpoint[model_key], checkpoint['optimizer'])
-    if lr_scheduler is not None and checkpoint.get('lr_scheduler') is not None:
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     start_epoch, position = resume_position(checkpoint)
+    if schedule is not None:
+        note = schedule.resume(checkpoint.get('lr_scheduler'), checkpoint.get('schedule'), start_epoch, position)
+        if note:
+            print(note)
+    if ema is not None:
+        if checkpoint.get('model_ema') is not None:
+            dev.load_module_state(ema, checkpoint['model_ema'])
+        else:
+            print('--model-ema: the checkpoint has no EMA weights; the average starts from the resumed model')
+            dev.load_module_state(ema.module, dev.module_state(model_without_ddp))
     return Resumed(start_epoch, position, checkpoint.get('rng_state'), checkpoint)
 
 
@@ -122,8 +210,9 @@ def resume_position(checkpoint):
 
 # --- The step -----------------------------------------------------------------------------------------------------
 
-def train_step(model, loss_fn, optimizer, dev, image, target):
-    """One optimisation step, with the device's lazy-graph cuts and mixed precision around it."""
+def train_step(model, loss_fn, optimizer, dev, image, target, clip_grad_norm=None):
+    """One optimisation step, with the device's lazy-graph cuts and mixed precision around it, and the gradients'
+    norm clipped to `clip_grad_norm` when given."""
     dev.mark_step('before_forward')
     with dev.autocast():
         output = model(image)
@@ -131,6 +220,8 @@ def train_step(model, loss_fn, optimizer, dev, image, target):
     optimizer.zero_grad(set_to_none=True)
     dev.mark_step('before_backward')
     loss.backward()
+    if clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     dev.mark_step('after_backward')
     with dev.optimizer_step_context():
         optimizer.step()
@@ -140,12 +231,15 @@ def train_step(model, loss_fn, optimizer, dev, image, target):
 
 # --- Epochs: where they start, where a stop leaves them, and saving ------------------------------------------------
 
-def start_epoch(epoch, resumed, train_sampler, dev, batch_size, seed):
-    """Set the data order and random state for `epoch`: from its start (the main RNG re-seeded from `seed`
-    and the epoch when `seed` is given, so that a resumed run repeats an uninterrupted one), or, for the
-    epoch a mid-epoch checkpoint stopped in, from where it stopped. Returns the step the epoch starts at."""
+def start_epoch(epoch, resumed, train_sampler, dev, batch_size, seed, augment=True):
+    """Set the data order, augmentation (`augment` False: no scale/aspect augmentation) and random state for
+    `epoch`: from its start (the main RNG re-seeded from `seed` and the epoch when `seed` is given, so that a
+    resumed run repeats an uninterrupted one), or, for the epoch a mid-epoch checkpoint stopped in, from where
+    it stopped. Returns the step the epoch starts at."""
     position = resumed.position if epoch == resumed.start_epoch else 0
-    train_sampler.set_epoch(epoch, position)
+    train_sampler.set_epoch(epoch, position, augment)
+    if not augment and position == 0:
+        print(f'Epoch {epoch}: no scale/aspect augmentation (random crop of the resized image and flip)')
     if not position:
         if seed is not None:
             torch.manual_seed(samplers.epoch_seed(seed, epoch))
@@ -185,12 +279,24 @@ def stop_and_save(stop, save, epoch, position=None, step=None):
           f'({time.time() - stop.received_at:.1f} s after the signal); continue with --resume {path}')
 
 
+def schedule_fields(schedule, ema=None):
+    """The checkpoint fields of the schedule ('lr_scheduler', torchvision's key, and 'schedule', where it stands)
+    and of the EMA ('model_ema', torchvision's key), for save_checkpoint's `fields`."""
+    fields = {'lr_scheduler': schedule.scheduler.state_dict() if schedule is not None else None,
+              'schedule': schedule.state_dict() if schedule is not None else None}
+    if ema is not None:
+        fields['model_ema'] = ema
+    return fields
+
+
 def save_checkpoint(dev, model_without_ddp, optimizer, model_name, num_classes, fields, paths, *, model_key='model',
                     position=None):
     """Write the checkpoint to each of `paths` (rank 0, atomically): the model under `model_key`, the optimizer,
     the trainer's `fields` and the identity stamp; after a mid-epoch stop (at `position`, samples of the epoch's
     order trained), also what a resume needs to continue exactly. Returns the first path."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
+        if fields.get('model_ema') is not None:
+            fields = dict(fields, model_ema=dev.module_state(fields['model_ema']))
         checkpoint = checkpoints.stamp({model_key: model_state, 'optimizer': optimizer_state, **fields},
                                        model_name, num_classes)
         if position is not None:
