@@ -27,7 +27,7 @@ def linear_lr(lr, reference_batch, global_batch):
 
 
 def number(value):
-    return f'{value:.10g}'
+    return f'{value:.15g}'
 
 
 # --- habana-1.4 --------------------------------------------------------------------------------------------------

@@ -125,9 +125,10 @@ def run_in_process(script_module, argv):
     parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.
     The environment is restored afterwards (the device layer sets variables for Habana's bridge)."""
     import cli
+    import recipe_flags
     environ = dict(os.environ)
     try:
-        cli.run_cli(script_module.main, script_module.get_args_parser().parse_args(argv))
+        cli.run_cli(script_module.main, recipe_flags.parse_args(script_module.get_args_parser(), argv))
         return 0
     except SystemExit as exit_:
         return exit_.code

@@ -161,3 +161,29 @@ def test_device_hpu_without_the_bridge_is_one_clear_line(jpeg_dataset, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in result.stderr
     assert lines[0].startswith('error: --device hpu:') and '--device cuda or --device cpu' in lines[0]
+
+
+def test_lars_in_lazy_mode_is_habanas_fused_lars_with_one_group_and_its_mask(sdk):
+    import optimizers
+    dev = HPUDeviceOnCPU(lazy_mode=True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    groups = optimizers.param_groups(model, 5e-5, lars=True)
+    optimizer = dev.make_optimizer(groups, lr=9.0, momentum=0.9, weight_decay=5e-5, kind='lars',
+                                   trust_coefficient=0.001)
+    from habana_frameworks.torch.hpex.optimizers import FusedLars
+    assert isinstance(optimizer, FusedLars)
+    assert ('FusedResourceApplyMomentum', {'lr': 9.0, 'momentum': 0.9, 'weight_decay': 5e-5}) in sdk.CALLS
+    # one group, model order by group: conv and fc weights scaled, BatchNorm weight/bias and the fc bias skipped
+    assert ('FusedLars', {'skip_mask': [True, True, False, False, False], 'eeta': 0.001, 'eps': 0.0}) in sdk.CALLS
+    assert len(optimizer.param_groups) == 1
+    with pytest.raises(cli.UsageError, match='--nesterov'):
+        dev.make_optimizer(groups, lr=9.0, momentum=0.9, weight_decay=5e-5, kind='lars', nesterov=True)
+
+
+def test_lars_in_eager_mode_is_this_ports_lars(sdk):
+    import optimizers
+    dev = HPUDeviceOnCPU(lazy_mode=False)
+    model = nn.Linear(3, 2)
+    optimizer = dev.make_optimizer(optimizers.param_groups(model, 1e-4, lars=True), lr=1.0, momentum=0.9,
+                                   weight_decay=1e-4, kind='lars')
+    assert type(optimizer) is optimizers.LARS
