@@ -30,7 +30,10 @@ def parse_args(parser, argv):
         parser.exit(2, f'{parser.prog}: error: {err}\n')
     args = parser.parse_args(expanded)
     if args.recipe == 'list':
-        print(recipes.listing())
+        try:
+            print(recipes.listing(), flush=True)
+        except BrokenPipeError:  # piped into head: the reader has what it wanted
+            pass
         sys.exit(0)
     if lines and rank == 0:
         print('\n'.join(lines))

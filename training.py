@@ -181,6 +181,7 @@ def resume(checkpoint, dev, model_without_ddp, optimizer, schedule, model_key, e
     """Load a checkpoint read by checkpoints.load into model, optimizer, schedule (schedules.Schedule, or None
     with --custom-lr-values) and EMA (the model under `model_key`: 'model' for train.py, 'state_dict' for
     main.py). Returns Resumed."""
+    check_optimizer_state(checkpoint.get('optimizer'), optimizer)
     dev.load_training_state(model_without_ddp, optimizer, checkpoint[model_key], checkpoint['optimizer'])
     start_epoch, position = resume_position(checkpoint)
     if schedule is not None:
@@ -194,6 +195,20 @@ def resume(checkpoint, dev, model_without_ddp, optimizer, schedule, model_key, e
             print('--model-ema: the checkpoint has no EMA weights; the average starts from the resumed model')
             dev.load_module_state(ema.module, dev.module_state(model_without_ddp))
     return Resumed(start_epoch, position, checkpoint.get('rng_state'), checkpoint)
+
+
+def check_optimizer_state(saved, optimizer):
+    """The saved optimizer must have this run's parameter groups (the same --optimizer, --norm-weight-decay and
+    --bias-weight-decay): its state cannot be mapped onto other groups."""
+    if not isinstance(saved, dict) or 'param_groups' not in saved:
+        return
+
+    def shape(groups):
+        return [(len(g['params']), 'lars' in g) for g in groups]
+    if shape(saved['param_groups']) != shape(optimizer.param_groups):
+        raise UsageError(f"--resume: the checkpoint's optimizer has parameter groups of {shape(saved['param_groups'])} "
+                         f"(parameters, LARS), this run's {shape(optimizer.param_groups)}: resume with the --optimizer, "
+                         '--norm-weight-decay and --bias-weight-decay of the run that wrote it')
 
 
 def resume_position(checkpoint):

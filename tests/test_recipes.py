@@ -26,6 +26,7 @@ import samplers
 import schedules
 import train
 import training
+from cli import UsageError
 
 
 def parsed(argv, world_size=1, environ=None):
@@ -444,3 +445,16 @@ def test_sigterm_and_resume_with_recipe_pieces_end_with_the_same_weights(jpeg_da
     assert straight_ckpt['lr_scheduler'] == resumed_ckpt['lr_scheduler']
     assert straight_ckpt['schedule'] == resumed_ckpt['schedule']
     assert ('model_ema' in straight_ckpt) == ('EMA' in case)
+
+
+def test_a_resume_with_other_optimizer_groups_is_one_line():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    dev = __import__('devices').create('cpu', channels_last=False)
+    split = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4, norm_weight_decay=0.0)
+    plain = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4)
+    with pytest.raises(UsageError, match=r'groups of \[\(2, False\), \(2, False\)\].*this run.s \[\(4, False\)\]'):
+        training.check_optimizer_state(split.state_dict(), plain)
+    lars = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4, kind='lars')
+    with pytest.raises(UsageError, match='--optimizer'):
+        training.check_optimizer_state(lars.state_dict(), split)
+    training.check_optimizer_state(plain.state_dict(), plain)
