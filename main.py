@@ -337,18 +337,13 @@ def main(args):
     model = training.place_model(dev, build_model(args.model, num_classes, args.pretrained, not args.no_aux_logits,
                                                   bool(args.resume)))
     criterion = training.make_criterion(args.label_smoothing)
-    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
-                                        nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
-                                        bias_weight_decay=args.bias_weight_decay,
-                                        trust_coefficient=args.lars_trust_coefficient)
+    optimizer = recipe_flags.make_optimizer(dev, model, args)
     global_batch = ranks.world_size * args.batch_size
     schedule = recipe_flags.make_schedule(optimizer, args, len(train_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, **DDP_SETTINGS)
-    ema = training.make_ema(model_without_ddp, args.model_ema_decay, args.model_ema_steps, global_batch,
-                            args.epochs) if args.model_ema else None
-    extras = training.StepExtras(schedule, training.make_batch_mix(args.mixup_alpha, args.cutmix_alpha, num_classes),
-                                 args.clip_grad_norm, ema, args.model_ema_steps, args.lr_warmup_epochs)
+    extras = recipe_flags.make_extras(args, schedule, model_without_ddp, num_classes, global_batch)
+    ema = extras.ema
 
     best_acc1, resumed = 0.0, training.NOT_RESUMED
     if args.resume:

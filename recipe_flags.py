@@ -1,6 +1,7 @@
 """The recipe flags (cli.add_recipe_args) as both trainers read them: the command line with its --recipe expanded,
 the checks made before any data is read, and the values the training core takes (schedules.ScheduleConfig,
-loaders.Augmentation). The only module below the trainers that reads `args`, as upstream's train.py reads it.
+loaders.Augmentation, the optimizer and the step's extras). The only module below the trainers that reads `args`,
+as upstream's train.py reads it.
 """
 import shlex
 import sys
@@ -9,6 +10,7 @@ import distributed
 import loaders
 import recipes
 import schedules
+import training
 from cli import UsageError
 
 
@@ -89,6 +91,22 @@ def check(args):
                          'Habana): leave --norm-weight-decay and --bias-weight-decay unset')
     loaders.check_augmentation(loaders.resolve_kind(args.dl_worker_type, say=False), augmentation(args),
                                has_plain_crop_epochs(args))
+
+
+def make_optimizer(dev, model, args):
+    """training.make_optimizer with --optimizer, --nesterov, the weight-decay groups and LARS's trust coefficient."""
+    return training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
+                                   nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
+                                   bias_weight_decay=args.bias_weight_decay, trust_coefficient=args.lars_trust_coefficient)
+
+
+def make_extras(args, schedule, model_without_ddp, num_classes, global_batch):
+    """training.StepExtras of the flags: mixup/cutmix, --clip-grad-norm, the schedule, and the EMA model
+    (`extras.ema`, None without --model-ema)."""
+    ema = training.make_ema(model_without_ddp, args.model_ema_decay, args.model_ema_steps, global_batch,
+                            args.epochs) if args.model_ema else None
+    return training.StepExtras(schedule, training.make_batch_mix(args.mixup_alpha, args.cutmix_alpha, num_classes),
+                               args.clip_grad_norm, ema, args.model_ema_steps, args.lr_warmup_epochs)
 
 
 def make_schedule(optimizer, args, iterations_per_epoch, global_batch):

@@ -220,19 +220,14 @@ def main(args):
                                  ranks.distributed)
 
     criterion = training.make_criterion(args.label_smoothing)
-    optimizer = training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
-                                        nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
-                                        bias_weight_decay=args.bias_weight_decay,
-                                        trust_coefficient=args.lars_trust_coefficient)
+    optimizer = recipe_flags.make_optimizer(dev, model, args)
     global_batch = ranks.world_size * args.batch_size
     schedule = None if lr_table else recipe_flags.make_schedule(optimizer, args, len(data_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
-    ema = training.make_ema(model_without_ddp, args.model_ema_decay, args.model_ema_steps, global_batch,
-                            args.epochs) if args.model_ema else None
-    extras = training.StepExtras(schedule or training.NO_SCHEDULE,
-                                 training.make_batch_mix(args.mixup_alpha, args.cutmix_alpha, num_classes),
-                                 args.clip_grad_norm, ema, args.model_ema_steps, args.lr_warmup_epochs)
+    extras = recipe_flags.make_extras(args, schedule or training.NO_SCHEDULE, model_without_ddp, num_classes,
+                                      global_batch)
+    ema = extras.ema
 
     resumed = training.NOT_RESUMED
     if args.resume:

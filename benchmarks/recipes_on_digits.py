@@ -1,0 +1,135 @@
+"""Every named recipe, scaled down to the same budget (epochs, batch) next to the 1.4.0 default, on real small
+data: scikit-learn's digits written as JPEG folders (benchmarks/digits_dataset.py). Top-1 per recipe over seeds.
+
+    python benchmarks/recipes_on_digits.py                       # 8 epochs, batch 32, resnet18, seeds 0 1 2
+    python benchmarks/recipes_on_digits.py --recipes lars nvidia-90e --seeds 0
+
+Scaling, for E epochs at one rank x B: every recipe runs with the flags `--recipe NAME` expands to at global batch
+B (its LR by the recipe's own batch rule: linear for nvidia/torchvision-v2/collapse, the nearest published LARS
+row; the nvidia recipes with their ResNet-50 values, on the model trained here), then `--epochs E -b B`; lengths
+given in epochs (warm-up, LARS decay horizon, the 1.4.0 step size) shrink by E / the recipe's epochs, and the
+LR-collapse phases (iterations at 4096) are rescaled to E epochs of this dataset at batch B. torchvision-v2 keeps
+its FixRes ratio (train crop 176/224 of the others', val resize 232/224). Evaluation after every epoch; the last
+` * Acc@1` (and `Test: EMA Acc@1` with EMA) is reported. Nothing is asserted: this prints a table.
+"""
+import argparse
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import recipes  # noqa: E402
+import schedules  # noqa: E402
+from compare_with_bare_loop import run  # noqa: E402
+
+RECIPE_EPOCHS = {'habana-1.4': 90, 'nvidia-90e': 90, 'nvidia-250e': 250, 'lr-collapse-72e': 72.29, 'lars': 35,
+                 'torchvision-v2': 600}
+
+
+def iterations_per_epoch(data_path, batch):
+    train = os.path.join(data_path, 'train')
+    images = sum(len(files) for _, _, files in os.walk(train))
+    return math.ceil(images / batch) - int(images % batch == 1)
+
+
+def collapse_phases(epochs, ipe, batch):
+    """The spec 2.4 phases for E epochs of ipe iterations at batch B: LRs x B/4096, lengths in proportion."""
+    length = epochs * ipe / 22610  # the recipe's 22 610 iterations become E epochs
+    lr = batch / recipes.COLLAPSE_BATCH
+    phases = []
+    for text in recipes.COLLAPSE_PHASES:
+        phase = schedules.parse_phase(text)
+        shrunk = phase.scaled(1 / length)  # lengths x length (its LRs are set below)
+        phases.append(schedules.Phase(
+            iterations=shrunk.iterations, base_lr=phase.base_lr * lr, warmup_iterations=shrunk.warmup_iterations,
+            warmup_start_lr=phase.warmup_start_lr * lr, horizon=shrunk.horizon, power=phase.power,
+            weight_decay=phase.weight_decay, augment=phase.augment).describe())
+    return phases
+
+
+def recipe_flags(name, epochs, ipe, batch, crops):
+    """The recipe's own flags for this batch (resnet50's values for the per-model nvidia recipes: the flags a
+    `--recipe NAME` run prints as its equivalent command line), then the flags that scale it to the budget."""
+    recipe = recipes.RECIPES[name]
+    tokens = recipe.flags('resnet50', batch)[0]
+    shrink = epochs / RECIPE_EPOCHS[name]
+    train_crop, val_resize, val_crop = crops
+    budget = ['--epochs', str(epochs), '-b', str(batch), '--epochs-between-evals', '1', '--eval-offset-epochs', '0',
+              '--train-crop-size', str(train_crop), '--val-resize-size', str(val_resize), '--val-crop-size',
+              str(val_crop)]
+    if name == 'habana-1.4':
+        budget += ['--lr-step-size', str(max(round(30 * shrink), 1))]
+    elif name in ('nvidia-90e', 'nvidia-250e'):
+        budget += ['--lr-warmup-epochs', f'{8 * shrink:.4g}']
+    elif name == 'lr-collapse-72e':
+        at = tokens.index('--lr-phases')
+        tokens = tokens[:at]  # the phases were the last flag; replaced by the budget's
+        budget += ['--lr-phases', *collapse_phases(epochs, ipe, batch)]
+    elif name == 'lars':
+        budget += ['--lr-warmup-epochs', f'{3 * shrink:.4g}', '--lr-decay-epochs', f'{36 * shrink:.4g}']
+    elif name == 'torchvision-v2':
+        budget += ['--lr-warmup-epochs', f'{5 * shrink:.4g}', '--train-crop-size', str(round(train_crop * 176 / 224)),
+                   '--val-resize-size', str(round(val_resize * 232 / 224))]
+    return tokens + budget
+
+
+def final(pattern, text):
+    found = re.findall(pattern, text, flags=re.M)
+    return float(found[-1]) if found else None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data-path', default='', help='ImageFolder with train/ and val/ (default: digits, written now)')
+    p.add_argument('--model', default='resnet18', help='the model of every run')
+    p.add_argument('--epochs', type=int, default=8)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--crops', type=int, nargs=3, default=[56, 64, 56], metavar=('TRAIN', 'VAL_RESIZE', 'VAL_CROP'))
+    p.add_argument('--recipes', nargs='+', default=list(recipes.RECIPES))
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--logs', default='', help='folder for the runs\' logs (default: a temporary folder)')
+    args = p.parse_args()
+    logs = args.logs or tempfile.mkdtemp(prefix='recipes-digits-')
+    os.makedirs(logs, exist_ok=True)
+    data_path = args.data_path or os.path.join(logs, 'digits')
+    if not args.data_path:
+        run([sys.executable, os.path.join(HERE, 'digits_dataset.py'), data_path, '--size', '64'],
+            os.path.join(logs, 'dataset.log'))
+    ipe = iterations_per_epoch(data_path, args.batch_size)
+    rows = []
+    for name in args.recipes:
+        flags = recipe_flags(name, args.epochs, ipe, args.batch_size, args.crops)
+        top1, ema = [], []
+        for seed in args.seeds:
+            cmd = ['nice', '-n', '10', sys.executable, os.path.join(ROOT, 'train.py'), '--device', 'cpu',
+                   '--data-path', data_path, '--dl-worker-type', 'MP', '--workers', str(args.workers), '--print-freq', '50',
+                   '--seed', str(seed),
+                   '--deterministic', '--output-dir', os.path.join(logs, f'{name}-{seed}'), '--model', args.model,
+                   *flags]
+            text, seconds = run(cmd, os.path.join(logs, f'{name}-{seed}.log'))
+            top1.append(final(r'^ \* Acc@1 ([\d.]+)', text))
+            ema.append(final(r'^Test: EMA Acc@1 ([\d.]+)', text))
+            print(f'{name} seed {seed}: top-1 {top1[-1]}' + (f', EMA {ema[-1]}' if ema[-1] is not None else '')
+                  + f' ({seconds:.0f} s)', flush=True)
+        rows.append((name, top1, ema, ' '.join(flags)))
+    print(f'\n{args.model}, {args.epochs} epochs x {ipe} iterations at batch {args.batch_size}, seeds '
+          f'{" ".join(map(str, args.seeds))}; logs in {logs}\n')
+    print('| recipe | top-1 mean ± std | runs | EMA top-1 | flags after the common ones |')
+    print('|---|---|---|---|---|')
+    for name, top1, ema, flags in rows:
+        spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        ema_text = f'{statistics.mean(ema):.2f}' if all(e is not None for e in ema) else ''
+        print(f'| {name} | {statistics.mean(top1):.2f} ± {spread:.2f} | {" ".join(f"{t:.2f}" for t in top1)} | '
+              f'{ema_text} | `{flags}` |')
+
+
+if __name__ == '__main__':
+    main()
