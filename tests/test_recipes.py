@@ -381,8 +381,9 @@ def as_pixels(normalised):
 
 @pytest.mark.parametrize('kind', ['MP', 'FAST'])
 def test_plain_crop_epochs_turn_off_scale_and_aspect_augmentation(jpeg_dataset, kind):
-    built = loaders.build(jpeg_dataset, kind=kind, batch_size=4, workers=0, world_size=1, rank=0, seed=3,
-                          seeded=False, device=torch.device('cpu'), pin_memory=False, worker_start_method=None,
+    """With 2 persistent loader workers, started in the plain epoch: the next epoch augments again."""
+    built = loaders.build(jpeg_dataset, kind=kind, batch_size=4, workers=2, world_size=1, rank=0, seed=3,
+                          seeded=False, device=torch.device('cpu'), pin_memory=False, worker_start_method='forkserver',
                           train_crop_size=32, val_resize_size=40, val_crop_size=32, plain_crop_epochs=True)
     folder = data.image_folder(os.path.join(jpeg_dataset, 'train'), None)
     sampler = built.train_sampler
