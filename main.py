@@ -126,7 +126,7 @@ def update_accuracy(top1, top5, logits, target):
 
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
-          warm_up=False, stop=None, first_step=0, extras=None, model_without_ddp=None):
+          warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None):
     """One epoch (from `first_step` after a mid-epoch stop), with a recipe's `extras` around each step
     (training.StepExtras). Returns (images trained, step to resume from when a
     stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
@@ -149,11 +149,10 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
         images, target = dev.to_device(images, target)
         window.data_ready()
         lr = optimizer.param_groups[0]['lr']
-        inputs, loss_target = extras.inputs(images, target) if extras is not None else (images, target)
+        inputs, loss_target = extras.inputs(images, target)
         output, loss = training.train_step(model, functools.partial(training_loss, criterion), optimizer, dev,
-                                           inputs, loss_target, extras.clip_grad_norm if extras else None)
-        if extras is not None:
-            extras.after_step(model_without_ddp, epoch, i)
+                                           inputs, loss_target, extras.clip_grad_norm)
+        extras.after_step(model_without_ddp, epoch, i)
         window.step_done(images.shape[0])
         nonfinite.track(loss, i, lr)
 

@@ -26,7 +26,8 @@ from cli import UsageError
 
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
-                    num_train_steps=sys.maxsize, stop=None, first_step=0, extras=None, model_without_ddp=None):
+                    num_train_steps=sys.maxsize, stop=None, first_step=0, extras=training.NO_EXTRAS,
+                    model_without_ddp=None):
     """Train one epoch (from `first_step` when resuming mid-epoch), with a recipe's `extras` around each step
     (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update).
 
@@ -48,13 +49,9 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
         image, target = dev.to_device(image, target)
         throughput.data_ready()
         lr = optimizer.param_groups[0]['lr']
-        if extras is not None:
-            image, loss_target = extras.inputs(image, target)
-            output, loss = training.train_step(model, criterion, optimizer, dev, image, loss_target,
-                                               extras.clip_grad_norm)
-            extras.after_step(model_without_ddp, epoch, step)
-        else:
-            output, loss = training.train_step(model, criterion, optimizer, dev, image, target)
+        image, loss_target = extras.inputs(image, target)
+        output, loss = training.train_step(model, criterion, optimizer, dev, image, loss_target, extras.clip_grad_norm)
+        extras.after_step(model_without_ddp, epoch, step)
         throughput.step_done(image.shape[0])
         nonfinite.track(loss, step, lr)
 

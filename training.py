@@ -158,6 +158,9 @@ class StepExtras:
                 self.ema.n_averaged.fill_(0)
 
 
+NO_EXTRAS = StepExtras(NO_SCHEDULE)  # the plain step: the batch as it is, no clipping, EMA or per-step schedule
+
+
 def wrap_ddp(dev, model, distributed, model_name, **ddp_options):
     """(model to train, model_without_ddp): DistributedDataParallel with the device's settings (ddp_options
     override them) on several ranks, the model itself on one."""
