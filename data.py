@@ -3,6 +3,7 @@ the reference transforms, the one policy for reading image files, and torch Data
 survive stop signals. loaders.py builds the loaders of each --dl-worker-type from these.
 """
 import atexit
+import functools
 import hashlib
 import multiprocessing.resource_tracker
 import os
@@ -348,8 +349,35 @@ class SignalSafeLoader(DataLoader):
             return super().__iter__()
 
 
+def end_with_trainer(trainer_pid):
+    """End this loader worker when the trainer process ends, however it ends (kill -9 included).
+
+    Workers forked by multiprocessing's forkserver are its children, not the trainer's, and they hold the pipe whose
+    end tells the forkserver that its clients are gone: after a kill -9 of the trainer, torch's own watchdog (is the
+    parent still there?) saw the forkserver alive, the forkserver saw its workers alive, and all of them, deaf to
+    stop signals, lived on for good. A pidfd of the trainer becomes readable when it exits."""
+    import select
+    import threading
+    try:
+        trainer = os.pidfd_open(trainer_pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): torch's parent watchdog is all there is
+        return
+
+    def wait_for_trainer():
+        select.select([trainer], [], [])
+        os._exit(1)
+    threading.Thread(target=wait_for_trainer, name='end-with-trainer', daemon=True).start()
+
+
+def start_worker(worker_id, trainer_pid):
+    """worker_init_fn: per-worker seeds, stop signals left to the trainer, and an end with the trainer's."""
+    samplers.seed_worker(worker_id)
+    end_with_trainer(trainer_pid)
+
+
 def worker_options(workers, start_method=None):
-    """DataLoader options for `workers` persistent worker processes, which ignore SIGTERM (seed_worker).
+    """DataLoader options for `workers` persistent worker processes, which ignore SIGTERM (seed_worker) and end
+    with the trainer (end_with_trainer).
 
     multiprocessing's own clean-up at exit ends workers with SIGTERM and then waits for them, so an exit
     hook that runs before it (atexit runs hooks in reverse order) ends any that are left.
@@ -358,7 +386,8 @@ def worker_options(workers, start_method=None):
         return dict(num_workers=0)
     atexit.unregister(end_loader_workers)  # registered once, whatever the number of loaders
     atexit.register(end_loader_workers)
-    return dict(num_workers=workers, worker_init_fn=samplers.seed_worker, persistent_workers=True,
+    return dict(num_workers=workers, worker_init_fn=functools.partial(start_worker, trainer_pid=os.getpid()),
+                persistent_workers=True,
                 multiprocessing_context=start_method)
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -165,6 +166,26 @@ def test_sigterm_to_the_process_group_during_validation_saves_the_complete_epoch
     assert_clean(log)
     assert re.search(r'Stopped by SIGTERM: saved epoch 0 \(complete\) to \S+checkpoint.pth in', log), log[-3000:]
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('loader', ['MP', 'FAST'])
+def test_a_kill_9_of_the_trainer_leaves_no_loader_process_behind(jpeg_dataset, tmp_path, loader):
+    """Before: the forkserver and the persistent workers (deaf to stop signals) lived on for good."""
+    proc = start_process(['train.py', '--data-path', jpeg_dataset, *REAL, '--dl-worker-type', loader, '--epochs', '3',
+                          '--output-dir', str(tmp_path / 'out')])
+    read_until(proc, r'^Epoch: \[0\]  \[ 5/12\]')
+    helpers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
+    assert len(helpers) >= 4, helpers  # forkserver, 2 + 2 persistent workers (train, val not started yet: 2)
+    os.kill(proc.pid, signal.SIGKILL)  # the trainer alone, as the OOM killer or a crashed node's agent does
+    proc.communicate(timeout=30)
+    deadline = time.time() + 20
+    while group_members(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [(pid, status_line(pid, 'Name')) for pid in group_members(proc.pid)]
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, left
 
 
 def group_members(pgid):
