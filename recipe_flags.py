@@ -110,14 +110,23 @@ def make_extras(args, schedule, model_without_ddp, num_classes, global_batch):
 
 
 def make_schedule(optimizer, args, iterations_per_epoch, global_batch):
-    return schedules.Schedule(optimizer, schedule_config(args), min(iterations_per_epoch, args.num_train_steps),
-                              global_batch)
+    schedule = schedules.Schedule(optimizer, schedule_config(args), min(iterations_per_epoch, args.num_train_steps),
+                                  global_batch)
+    note = schedule.overrun_note()
+    if note:
+        print(note)
+    return schedule
 
 
-def print_schedule(args, world_size):
+def print_schedule(args, world_size, lr_table=None):
     """--print-schedule: the schedule for these flags and world size, over --dataset-size images (default
-    ImageNet-1k's training split); no device, data or output folder is touched."""
+    ImageNet-1k's training split); no device, data or output folder is touched. `lr_table`: train.py's
+    --custom-lr-values, one LR per epoch."""
     dataset_size = args.dataset_size or schedules.IMAGENET_TRAIN_IMAGES
     ipe = schedules.iterations_per_epoch(dataset_size, world_size, args.batch_size, args.num_train_steps)
     print(f'{dataset_size} training images, {world_size} rank(s) x batch {args.batch_size}')
+    if lr_table:
+        print(f'Schedule --custom-lr-values: {args.epochs} epochs x {ipe} iterations, set per epoch')
+        print('\n'.join(f'epoch {epoch:>4d}  lr {lr:.9g}  wd {args.weight_decay:g}' for epoch, lr in enumerate(lr_table)))
+        return
     print('\n'.join(schedules.schedule_lines(schedule_config(args), ipe, world_size * args.batch_size)))

@@ -258,6 +258,15 @@ class Schedule:
     def per_iteration(self):
         return self.config.per_iteration
 
+    def overrun_note(self):
+        """A line when --epochs runs past the end of the phases (their last LR, 0 for a decay to the horizon,
+        holds for the rest), else None."""
+        if self.phases is None or self.phases.total >= self.config.epochs * self.iterations_per_epoch:
+            return None
+        end = self.phases.total / self.iterations_per_epoch
+        return (f'note: the --lr-phases end at iteration {self.phases.total} (epoch {end:.2f}); the rest of the '
+                f'{self.config.epochs} epochs trains at their last LR, {self.phases.lr(self.phases.total):g}')
+
     def lr(self):
         return self.optimizer.param_groups[0]['lr']
 
@@ -379,6 +388,8 @@ def schedule_lines(config, ipe, global_batch):
              + (', stepped per iteration' if config.per_iteration else ', stepped per epoch (StepLR)')]
     if schedule.phases is not None:
         lines.append('Phases at this batch: ' + ' '.join(p.describe() for p in schedule.phases.phases))
+    if schedule.overrun_note():
+        lines.append(schedule.overrun_note())
     for t in range(total):
         if t in marks or t % ipe == 0:
             lines.append(_row(t, ipe, schedule, marks.get(t, '')))

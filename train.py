@@ -196,7 +196,7 @@ def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, nu
 def main(args):
     lr_table = check_args(args)
     if args.print_schedule:
-        return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size))
+        return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size), lr_table)
     dev, ranks = training.start(args.device, output_dir=args.output_dir, writes=not args.test_only,
                                 dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=args.channels_last,
                                 hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,

@@ -459,3 +459,13 @@ def test_a_resume_with_other_optimizer_groups_is_one_line():
     with pytest.raises(UsageError, match='--optimizer'):
         training.check_optimizer_state(lars.state_dict(), split)
     training.check_optimizer_state(plain.state_dict(), plain)
+
+
+def test_print_schedule_of_a_custom_table_and_of_phases_shorter_than_the_run(capsys):
+    assert run_in_process(train, ['--custom-lr-values', '0.2', '0.02', '--custom-lr-milestones', '1', '3', '--epochs',
+                                  '4', '--print-schedule', '--data-path', '/nonexistent']) == 0
+    assert re.findall(r'^epoch +\d+  lr (\S+)', capsys.readouterr().out, re.M) == ['0.1', '0.2', '0.2', '0.02']
+    assert run_in_process(train, ['--lr-scheduler', 'collapse', '--lr-phases', '100,0.1', '--epochs', '2',
+                                  '--dataset-size', '12800', '-b', '128', '--print-schedule', '--data-path', 'x']) == 0
+    assert 'the --lr-phases end at iteration 100 (epoch 1.00); the rest of the 2 epochs trains at their last LR, 0' \
+        in capsys.readouterr().out
