@@ -112,6 +112,9 @@ def main():
                 '--print-freq', '50', '--seed', str(seed)] + ([] if args.no_deterministic else ['--deterministic']) + [
                 '--output-dir', out_dir] + sizes + shlex.split(args.extra)
             text, took = run(cmd, os.path.join(logs, f'ours-seed{seed}.log'), cwd=code_root)
+            if 'Training time' not in text:  # a stop signal ends train.py early with exit 0 and a checkpoint
+                sys.exit(f'train.py seed {seed} did not finish its {args.epochs} epochs (stopped by a signal?): '
+                         f'see {logs}/ours-seed{seed}.log')
             results['ours'].append(last_float(r' \* Acc@1 ([0-9.]+)', text, "' * Acc@1'"))
             print(f'train.py   seed {seed}: top-1 {results["ours"][-1]:6.2f}  ({took:.0f} s)', flush=True)
         if args.only != 'ours':
