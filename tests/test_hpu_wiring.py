@@ -15,6 +15,7 @@ from conftest import REPO, TINY_IMAGES, HPUDeviceOnCPU, run_script
 import cli
 import devices
 import train
+import training
 
 BF16_OPS = os.path.join(REPO, 'ops_bf16_Resnet.txt')
 FP32_OPS = os.path.join(REPO, 'ops_fp32_Resnet.txt')
@@ -187,3 +188,18 @@ def test_lars_in_eager_mode_is_this_ports_lars(sdk):
     optimizer = dev.make_optimizer(optimizers.param_groups(model, 1e-4, lars=True), lr=1.0, momentum=0.9,
                                    weight_decay=1e-4, kind='lars')
     assert type(optimizer) is optimizers.LARS
+
+
+def test_the_ema_model_of_a_permuted_run_is_saved_in_torchvision_layout_and_loads_back(sdk):
+    dev = HPUDeviceOnCPU(channels_last=True)
+    model, optimizer = trained_model_and_optimizer(dev)
+    kcrs_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    dev.after_optimizer_created(model, optimizer)
+    ema = training.make_ema(model, decay=0.999, steps=1, global_batch=8, epochs=1)  # copies the RSCK weights
+    ema.update_parameters(model)
+    saved = dev.module_state(ema)
+    assert saved['module.conv1.weight'].shape == (64, 3, 7, 7)
+    assert all(torch.equal(saved['module.' + k], kcrs_weights[k].float()) for k in kcrs_weights if 'num_batches' not in k)
+    fresh = training.make_ema(model, decay=0.999, steps=1, global_batch=8, epochs=1)
+    dev.load_module_state(fresh, saved)
+    assert fresh.module.conv1.weight.shape == (7, 7, 3, 64) and torch.equal(fresh.module.conv1.weight, model.conv1.weight)
