@@ -313,12 +313,13 @@ def with_recipe(command, parser, argv, args, world_size):
         return command
     recipe = recipes.RECIPES[args.recipe]
     model = getattr(args, 'model', 'googlenet')
-    batch = args.batch_size if 'batch_size' in recipes.given_dests(parser, argv) else \
+    given_dests = recipes.given_dests(parser, argv)
+    batch = args.batch_size if 'batch_size' in given_dests else \
         recipes.recipe_batch_size(recipe, model, args.batch_size)
     tokens, _ = recipe.flags(model, world_size * batch) if not recipe.models or model in recipe.models else ([], [])
     recipe_flags = {token for token in tokens if token.startswith('--')}
     given = {flag for action in parser._actions for flag in action.option_strings
-             if action.dest in recipes.given_dests(parser, argv)}
+             if action.dest in given_dests}
 
     def dropped(item):
         flag = item.partition('=')[0]

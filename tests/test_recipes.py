@@ -29,7 +29,7 @@ import training
 from cli import UsageError
 
 
-def parsed(argv, world_size=1, environ=None):
+def parsed(argv, world_size=1):
     """train.py's arguments for argv as its __main__ parses them (recipe expanded), at `world_size`."""
     return recipe_flags.parse_args(train.get_args_parser(), [*argv, '--world-size', str(world_size)])
 
