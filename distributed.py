@@ -9,6 +9,7 @@ so that when a collective times out, the ranks still running can tell which rank
 import builtins
 import datetime
 import functools
+import io
 import json
 import os
 import random
@@ -245,7 +246,13 @@ def setup_for_distributed(is_master):
     def print(*args, **kwargs):
         force = kwargs.pop('force', False)
         if is_master or force:
-            builtin_print(*args, **kwargs)
+            # One write per call (text and line end together): mpirun merges the ranks' outputs write by write.
+            line = io.StringIO()
+            builtin_print(*args, **{**kwargs, 'file': line, 'flush': False})
+            out = kwargs.get('file') or sys.stdout
+            out.write(line.getvalue())
+            if kwargs.get('flush'):
+                out.flush()
 
     builtins.print = print
 

@@ -377,3 +377,31 @@ def test_the_hccl_and_master_variables_received_are_listed_in_name_order():
 ])
 def test_gloo_takes_the_interface_from_hccl_socket_ifname_only_when_it_names_one_of_this_host(environ, expected):
     assert distributed.gloo_interface_from_hccl(environ) == expected
+
+
+class WriteRecorder:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_rank_zero_prints_each_line_in_one_write_and_other_ranks_only_when_forced(monkeypatch):
+    """mpirun merges the ranks' outputs write by write: print's text and its line end written apart let another
+    rank's line land inside ours ('Training time 0:00:01| rank 1: trained on 8 images')."""
+    import builtins
+    monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after the test
+    out = WriteRecorder()
+    distributed.setup_for_distributed(True)
+    print('Training time', '0:00:01', file=out)
+    print('a', 'b', sep='-', end='!\n', file=out, flush=True)
+    assert out.writes == ['Training time 0:00:01\n', 'a-b!\n']
+
+    distributed.setup_for_distributed(False)
+    print('silent', file=out)
+    print('forced', file=out, force=True)
+    assert out.writes[2:] == ['forced\n']

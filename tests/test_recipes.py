@@ -2,6 +2,7 @@
 mixup/cutmix/label smoothing against torchvision's and torch's own, EMA against its formula, the phase without
 scale/aspect augmentation in both pipelines, and resume exactness of every schedule (in-process here; real
 SIGTERM-and-resume runs at the end, slow tier). README: Recipes."""
+import functools
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import data
 import fast_jpeg
 import launcher
 import loaders
+import main as main_trainer
 import recipe_flags
 import recipes
 import samplers
@@ -469,3 +471,19 @@ def test_print_schedule_of_a_custom_table_and_of_phases_shorter_than_the_run(cap
                                   '--dataset-size', '12800', '-b', '128', '--print-schedule', '--data-path', 'x']) == 0
     assert 'the --lr-phases end at iteration 100 (epoch 1.00); the rest of the 2 epochs trains at their last LR, 0' \
         in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('trainer', [train, main_trainer], ids=['train.py', 'main.py'])
+def test_habana_1_7_spellings_set_the_same_values_as_ours(trainer):
+    """Habana 1.7+'s LARS command line (spec-habana 1.7.0) parses as it is."""
+    habana = ['--optimizer', 'lars', '-eoe', '3', '-ebe', '4', '--lars_base_learning_rate', '9',
+              '--lars_warmup_epochs', '3', '--lars_end_learning_rate', '1e-4', '--lars_decay_epochs', '36',
+              '--lwd', '5e-5', '--data-path', 'x']
+    ours = ['--optimizer', 'lars', '--eval-offset-epochs', '3', '--epochs-between-evals', '4', '--lr', '9',
+            '--lr-warmup-epochs', '3', '--lr-min', '1e-4', '--lr-decay-epochs', '36', '--wd', '5e-5', '--data-path', 'x']
+    parse = functools.partial(recipe_flags.parse_args, trainer.get_args_parser())
+    assert vars(parse(habana)) == vars(parse(ours))
+    assert vars(parse(['--epochs_between_evals', '2', '--eval_offset_epochs', '1', '--lars-weight-decay', '0.1',
+                       '--data-path', 'x'])) == vars(parse(['-ebe', '2', '-eoe', '1', '--wd', '0.1', '--data-path', 'x']))
+    defaults = parse(['--data-path', 'x'])  # the aliases carry no default of their own
+    assert (defaults.lr, defaults.weight_decay) == (0.1, 1e-4)
