@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import TINY_IMAGES, read_until, run_in_process, run_script, start_process
+from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, start_process
 
 import data
 import fast_jpeg
@@ -487,3 +487,44 @@ def test_habana_1_7_spellings_set_the_same_values_as_ours(trainer):
                        '--data-path', 'x'])) == vars(parse(['-ebe', '2', '-eoe', '1', '--wd', '0.1', '--data-path', 'x']))
     defaults = parse(['--data-path', 'x'])  # the aliases carry no default of their own
     assert (defaults.lr, defaults.weight_decay) == (0.1, 1e-4)
+
+
+def logged_lrs(log, resumed_at=None):
+    """{(epoch, step): lr} of the MetricLogger lines; a resumed epoch's lines count from its first step."""
+    lines = re.findall(r'^Epoch: \[(\d+)\]  \[ ?(\d+)/\d+\].*?  lr: (\S+)', log, flags=re.M)
+    start = {} if resumed_at is None else {resumed_at[0]: resumed_at[1]}
+    return {(int(e), int(s) + start.get(int(e), 0)): float(lr) for e, s, lr in lines}
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_recipe_on_two_ranks_stopped_through_the_demo_wrapper_resumes_under_plain_mpirun_on_schedule(
+        jpeg_dataset, tmp_path):
+    """The per-iteration schedule of a recipe (lr-collapse-72e: phases in iterations at the global batch) over a
+    stop on 2 ranks through demo_resnet.py and a resume through plain mpirun with another loader: the LR of every
+    logged step is the one an uninterrupted run logs (global batch 8 in both)."""
+    common = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '2',
+              '--epochs', '2', '--num-eval-steps', '1', '--data-path', jpeg_dataset, '--recipe', 'lr-collapse-72e',
+              '--save-checkpoint']
+    straight = run_script(mpirun_prefix(2) + ['train.py', *common, '--dl-worker-type', 'MP', '--print-freq', '1',
+                                              '--output-dir', str(tmp_path / 'straight')])
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+    expected = logged_lrs(straight.stdout)
+    assert len(expected) == 12 and len(set(expected.values())) == 12  # the LR moves every iteration
+
+    out = tmp_path / 'cut'
+    proc = start_process(['demo_resnet.py', '--world-size', '2', *common, '--dl-worker-type', 'MP',
+                          '--output-dir', str(out)])
+    log = read_until(proc, r'^Epoch: \[0\]  \[2/6\]')
+    os.killpg(proc.pid, signal.SIGTERM)
+    log += proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0 and 'Stopped by SIGUSR1: saved epoch 0 after step' in log, log[-3000:]  # the wrapper's
+    resumed = run_script(mpirun_prefix(2) + ['train.py', *common, '--dl-worker-type', 'FAST', '--output-dir', str(out),
+                                             '--resume', str(out / 'checkpoint.pth')])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert 'Traceback' not in resumed.stdout + resumed.stderr and 'Resuming epoch 0 at step' in resumed.stdout
+    resumed_at = int(re.search(r'Resuming epoch 0 at step (\d+)', resumed.stdout).group(1))
+    seen = {**logged_lrs(log), **logged_lrs(resumed.stdout, (0, resumed_at))}
+    assert len(seen) >= 6 and all(lr == pytest.approx(expected[key], rel=1e-6) for key, lr in seen.items()), seen
+    final = torch.load(out / 'model_1.pth', weights_only=True)
+    assert final['schedule'] == torch.load(tmp_path / 'straight' / 'model_1.pth', weights_only=True)['schedule']
