@@ -64,7 +64,13 @@ def has_plain_crop_epochs(args):
 def check(args):
     """Refuse recipe flags that cannot work, before any data is read or any file written."""
     import data
-    schedules.check(schedule_config(args))
+    try:
+        schedules.check(schedule_config(args))
+    except UsageError as err:
+        if args.recipe == recipes.DEFAULT:
+            raise
+        raise UsageError(f'{err} (a value --recipe {args.recipe} sets, for its own --epochs: give the flag too, '
+                         'e.g. for a shorter trial run)') from None
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f'--label-smoothing must be in [0, 1), got {args.label_smoothing:g}')
     for flag, value in (('--mixup-alpha', args.mixup_alpha), ('--cutmix-alpha', args.cutmix_alpha),

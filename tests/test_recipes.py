@@ -528,3 +528,12 @@ def test_a_recipe_on_two_ranks_stopped_through_the_demo_wrapper_resumes_under_pl
     assert len(seen) >= 6 and all(lr == pytest.approx(expected[key], rel=1e-6) for key, lr in seen.items()), seen
     final = torch.load(out / 'model_1.pth', weights_only=True)
     assert final['schedule'] == torch.load(tmp_path / 'straight' / 'model_1.pth', weights_only=True)['schedule']
+
+
+def test_a_recipe_value_that_does_not_fit_the_given_epochs_says_it_came_from_the_recipe(capsys):
+    assert run_in_process(train, ['--recipe', 'lars', '--epochs', '2', '--data-path', '/nonexistent']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: --lr-warmup-epochs must be at least 0 and below --epochs 2, got 3 (a value --recipe lars '
+                   'sets, for its own --epochs: give the flag too, e.g. for a shorter trial run)']
+    assert run_in_process(train, ['--recipe', 'lars', '--epochs', '2', '--lr-warmup-epochs', '1', '--print-schedule',
+                                  '--data-path', '/nonexistent']) == 0
