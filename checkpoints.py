@@ -14,6 +14,7 @@ import argparse
 import os
 import pickle
 import re
+import sys
 import zipfile
 
 import torch
@@ -37,9 +38,12 @@ def plain_args(args):
     return {k: plain(v) for k, v in vars(args).items()}
 
 
-def stamp(checkpoint, model_name, num_classes):
-    """Add the identity fields every checkpoint carries."""
+def stamp(checkpoint, model_name, num_classes, classes=None):
+    """Add the identity fields every checkpoint carries, and the class names in label order (`classes`, the
+    training folder's) when known; checkpoints written before it, and the originals', have none."""
     checkpoint.update(format_version=FORMAT_VERSION, model_name=model_name, num_classes=num_classes)
+    if classes is not None:
+        checkpoint['classes'] = list(classes)
     return checkpoint
 
 
@@ -58,14 +62,15 @@ def save(checkpoint, *paths):
         output_folder.atomic_save(checkpoint, path, 'checkpoint')
 
 
-def load(path, model_name, num_classes, required_keys, flag='--resume'):
+def load(path, model_name, num_classes, required_keys, flag='--resume', resuming=True):
     """Read and check a checkpoint written by these trainers or by the originals; any problem is one
-    clear UsageError."""
+    clear UsageError. model_name, num_classes: what it must hold (None: whatever it holds). resuming: False
+    when only the weights are wanted (inference), so an original's optimizer and schedule are not checked."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: checkpoint '{path}' does not exist")
     checkpoint = read(path, flag)
     if isinstance(checkpoint, dict) and 'format_version' not in checkpoint:
-        checkpoint = from_original(checkpoint, path, required_keys, flag)
+        checkpoint = from_original(checkpoint, path, required_keys, flag, resuming)
     if not isinstance(checkpoint, dict) or 'format_version' not in checkpoint:
         raise UsageError(f"{flag}: '{path}' was not written by these training scripts "
                          '(no format_version); to start from bare weights, load them into the model first')
@@ -76,10 +81,10 @@ def load(path, model_name, num_classes, required_keys, flag='--resume'):
     if missing:
         raise UsageError(f"{flag}: '{path}' lacks {', '.join(missing)}; it was written by the other trainer "
                          '(train.py and main.py checkpoints differ)')
-    if checkpoint['model_name'] != model_name:
+    if model_name is not None and checkpoint['model_name'] != model_name:
         raise UsageError(f"{flag}: '{path}' holds a {checkpoint['model_name']} model but --model is "
                          f'{model_name}')
-    if checkpoint['num_classes'] != num_classes:
+    if num_classes is not None and checkpoint['num_classes'] != num_classes:
         raise UsageError(f"{flag}: '{path}' was trained on {checkpoint['num_classes']} classes but the "
                          f'dataset has {num_classes}')
     return checkpoint
@@ -116,7 +121,7 @@ def _unreadable(path, flag, err):
                       f'torch.save?): {plain_text(err)}')
 
 
-def from_original(checkpoint, path, required_keys, flag):
+def from_original(checkpoint, path, required_keys, flag, resuming=True):
     """A checkpoint of torchvision's reference train.py, or of pytorch/examples' or Habana's main.py, in
     this trainer's form (identity fields added). Anything else is returned unchanged (and refused)."""
     if 'model' in checkpoint and 'epoch' in checkpoint:
@@ -139,8 +144,11 @@ def from_original(checkpoint, path, required_keys, flag):
                          "torchvision reference checkpoints, main.py those of pytorch/examples' and Habana's main.py")
     if not isinstance(model_name, str):
         raise UsageError(f"{flag}: '{path}' was written by {source} but does not name its model (no args.model)")
-    check_resumable_training_state(checkpoint, path, flag, optimizer_name)
-    print(f"{flag}: '{path}' was written by {source}; resuming its model, optimizer and learning-rate schedule")
+    if resuming:
+        check_resumable_training_state(checkpoint, path, flag, optimizer_name)
+        print(f"{flag}: '{path}' was written by {source}; resuming its model, optimizer and learning-rate schedule")
+    else:  # on stderr: inference.py keeps stdout for its predictions
+        print(f"{flag}: '{path}' was written by {source}; using its model weights", file=sys.stderr)
     return stamp(checkpoint, model_name, classifier_rows(checkpoint[state_key], path, flag))
 
 

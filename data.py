@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import output_folder
+import progress
 import samplers
 from cli import STOP_SIGNALS, UsageError, end_loader_workers, stop_signals_blocked
 
@@ -194,22 +195,38 @@ class ListedImageFolder(torchvision.datasets.ImageFolder):
         return self._listing['samples']
 
 
-def scan(root, labels_from=None):
+def scan(root, labels_from=None, show_progress=True):
     """Listing of root: classes, class_to_idx, its class folders and samples. With labels_from (the
-    training dataset), the classes and labels are that dataset's, and a class it lacks is an error."""
+    training dataset), the classes and labels are that dataset's, and a class it lacks is an error.
+    show_progress: a progress line on stderr while the scan takes more than a few seconds (progress.py)."""
     folders = class_folders(root)
     if labels_from is None:
         classes, class_to_idx = folders, {name: index for index, name in enumerate(folders)}
     else:
         refuse_unknown_classes(folders, labels_from.class_to_idx, root, labels_from.root)
         classes, class_to_idx = list(labels_from.classes), dict(labels_from.class_to_idx)
-    try:
-        samples = torchvision.datasets.folder.make_dataset(root, {name: class_to_idx[name] for name in folders},
-                                                           torchvision.datasets.folder.IMG_EXTENSIONS)
-    except FileNotFoundError as err:
-        raise UsageError(f"--data-path: {err} (under '{root}'); every class folder needs at least one "
-                         'image (.jpg, .jpeg, .png, ...)') from None
+    samples = list_images(root, folders, class_to_idx, show_progress)
     return dict(classes=classes, class_to_idx=class_to_idx, folders=folders, samples=samples)
+
+
+def list_images(root, folders, class_to_idx, show_progress=True):
+    """(path, label) of every image under root's class `folders`, in torchvision make_dataset's order, one
+    class folder at a time so that the scan can show its progress; an empty class folder is an error."""
+    samples, empty = [], []
+    extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+    with progress.Progress(f'Scanning {root}', total=len(folders), unit='class folders',
+                           enabled=show_progress) as shown:
+        for done, name in enumerate(sorted(folders), start=1):
+            try:
+                samples += torchvision.datasets.folder.make_dataset(root, {name: class_to_idx[name]}, extensions)
+            except FileNotFoundError:  # no image in it
+                empty.append(name)
+            shown.update(done, f'{len(samples):,} images')
+    if empty:  # torchvision's message, for all of them at once
+        raise UsageError(f"--data-path: Found no valid file for the classes {', '.join(empty)}. Supported "
+                         f"extensions are: {', '.join(extensions)} (under '{root}'); every class folder needs at "
+                         'least one image (.jpg, .jpeg, .png, ...)')
+    return samples
 
 
 # --- --cache-dataset: the file list of each split, kept under --output-dir ---------------------------------------
@@ -323,12 +340,13 @@ def image_folder(root, transform, labels_from=None, cache_dir=None, is_main=True
     """ImageFolder over root, with a clear error for empty class folders or an empty split.
 
     labels_from: the training dataset, whose labels a validation split takes. cache_dir: where
-    --cache-dataset keeps the file list (None: always scan); only the main process writes it.
+    --cache-dataset keeps the file list (None: always scan); only the main process writes it and shows the
+    scan's progress.
     """
     path = cache_file(cache_dir, root) if cache_dir else None
     listing = read_cache(path, root, labels_from) if path else None
     if listing is None:
-        listing = scan(root, labels_from)
+        listing = scan(root, labels_from, show_progress=is_main)
         if path and is_main:
             write_cache(path, root, listing)
     return ListedImageFolder(root, transform, listing)

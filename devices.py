@@ -113,6 +113,13 @@ class CPUDevice:
     def prepare_model(self, model):
         return model.to(self.torch_device, memory_format=self.memory_format)
 
+    def prepare_eval_model(self, model):
+        """A model that only predicts (inference.py), weights loaded: on the device, in the layout training gives
+        it (on hpu with channels-last, filters-last weights as after_optimizer_created makes them), in eval mode."""
+        model = self.prepare_model(model)
+        self.after_optimizer_created(model, None)
+        return model.eval()
+
     def make_optimizer(self, params, lr, momentum, weight_decay, kind='sgd', nesterov=False, trust_coefficient=0.001):
         """SGD (fused) or LARS over `params` (parameter groups)."""
         if kind == 'lars':

@@ -225,16 +225,18 @@ def checkpoint_paths(output_dir, epoch, device, is_best):
 
 
 def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, is_best, args,
-                    num_classes, position=None, ema=None):
-    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best.
+                    classes, position=None, ema=None):
+    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best, with
+    the class names in label order (`classes`) and the run's arguments (`args`), for inference.py.
 
     After a mid-epoch stop (at `position`: samples of the epoch's order trained) the file also holds what a
     resume needs to continue exactly.
     """
-    fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, **training.schedule_fields(schedule, ema)}
-    return training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields,
+    fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, **training.schedule_fields(schedule, ema),
+              'args': checkpoints.plain_args(args)}
+    return training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, len(classes), fields,
                                     checkpoint_paths(args.output_dir, epoch, args.device, is_best),
-                                    model_key='state_dict', position=position)
+                                    model_key='state_dict', position=position, classes=classes)
 
 
 def check_aux_heads(state_dict, model, path):
@@ -363,7 +365,7 @@ def main(args):
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, False, args,
-                               num_classes, position, ema)
+                               dataset.classes, position, ema)
 
     for epoch in range(args.start_epoch, args.epochs):
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed,
@@ -397,7 +399,7 @@ def main(args):
         if args.save_checkpoint > 0 and (epoch + 1) % args.save_checkpoint == 0:
             print('saving ckpt epoch ', epoch)
             save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, is_best, args,
-                            num_classes, ema=ema)
+                            dataset.classes, ema=ema)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
             return training.stop_and_save(stop, save, epoch)
 

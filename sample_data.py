@@ -14,6 +14,8 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
+import progress
+
 PRESETS = {
     # shorter side (px), JPEG quality, smallest crop of the photo (fraction of its sides), unsharp-mask
     # strength (%), grain sigma, share of files with full-resolution chroma (4:4:4 rather than 4:2:0)
@@ -68,19 +70,23 @@ def save_jpeg(picture, path, rng, preset):
 
 
 def make_dataset(root, classes=10, train_per_class=20, val_per_class=5, imagenet_like=False, seed=0):
-    """Write root/train/class_XX/*.JPEG and root/val/class_XX/*.JPEG; return the number of files."""
+    """Write root/train/class_XX/*.JPEG and root/val/class_XX/*.JPEG; return the number of files. A run of more
+    than a few seconds shows its progress on stderr (progress.py)."""
     preset = PRESETS['imagenet_like' if imagenet_like else 'small']
     photos = source_photos()
     rng = np.random.default_rng(seed)
     written = 0
-    for split, per_class in (('train', train_per_class), ('val', val_per_class)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f'class_{c:02d}')
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                picture = make_picture(photos, c, classes, rng, preset)
-                save_jpeg(picture, os.path.join(folder, f'{split}_{c:02d}_{i:05d}.JPEG'), rng, preset)
-                written += 1
+    with progress.Progress(f'Writing {root}', total=classes * (train_per_class + val_per_class),
+                           unit='JPEG files') as shown:
+        for split, per_class in (('train', train_per_class), ('val', val_per_class)):
+            for c in range(classes):
+                folder = os.path.join(root, split, f'class_{c:02d}')
+                os.makedirs(folder, exist_ok=True)
+                for i in range(per_class):
+                    picture = make_picture(photos, c, classes, rng, preset)
+                    save_jpeg(picture, os.path.join(folder, f'{split}_{c:02d}_{i:05d}.JPEG'), rng, preset)
+                    written += 1
+                    shown.update(written)
     return written
 
 

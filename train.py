@@ -179,8 +179,9 @@ def set_epoch_lr(optimizer, lr_table, epoch):
             group['lr'] = lr_table[epoch]
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, num_classes, position=None, ema=None):
-    """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth; or, when a run stops
+def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, classes, position=None, ema=None):
+    """Save after a completed epoch to model_<epoch>.pth and checkpoint.pth, with the class names in label order
+    (`classes`, the training folder's, for inference.py); or, when a run stops
     mid-epoch (at `position`: samples of the epoch's order trained), to checkpoint.pth alone with what a
     resume needs to continue exactly. Returns checkpoint.pth's path (None without --output-dir)."""
     if not args.output_dir:
@@ -188,8 +189,8 @@ def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, nu
     latest = os.path.join(args.output_dir, 'checkpoint.pth')
     paths = [latest] if position is not None else [os.path.join(args.output_dir, f'model_{epoch}.pth'), latest]
     fields = {**training.schedule_fields(schedule, ema), 'epoch': epoch, 'args': checkpoints.plain_args(args)}
-    training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, num_classes, fields, paths,
-                             position=position)
+    training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, len(classes), fields, paths,
+                             position=position, classes=classes)
     return latest
 
 
@@ -243,7 +244,8 @@ def main(args):
     stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
 
     def save(position):
-        return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, num_classes, position, ema)
+        return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, dataset.classes, position,
+                               ema)
 
     start_time = time.time()
     images_trained = 0

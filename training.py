@@ -308,15 +308,15 @@ def schedule_fields(schedule, ema=None):
 
 
 def save_checkpoint(dev, model_without_ddp, optimizer, model_name, num_classes, fields, paths, *, model_key='model',
-                    position=None):
+                    position=None, classes=None):
     """Write the checkpoint to each of `paths` (rank 0, atomically): the model under `model_key`, the optimizer,
-    the trainer's `fields` and the identity stamp; after a mid-epoch stop (at `position`, samples of the epoch's
+    the trainer's `fields` and the identity stamp (with the class names in label order, `classes`); after a mid-epoch stop (at `position`, samples of the epoch's
     order trained), also what a resume needs to continue exactly. Returns the first path."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         if fields.get('model_ema') is not None:
             fields = dict(fields, model_ema=dev.module_state(fields['model_ema']))
         checkpoint = checkpoints.stamp({model_key: model_state, 'optimizer': optimizer_state, **fields},
-                                       model_name, num_classes)
+                                       model_name, num_classes, classes)
         if position is not None:
             checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
         checkpoints.save(checkpoint, *paths)

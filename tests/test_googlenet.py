@@ -136,7 +136,8 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert {p.name for p in tmp_path.iterdir()} - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar'}
     checkpoint = load(tmp_path / 'checkpoint_1_cpu.pth.tar')
     assert set(checkpoint) == {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler', 'schedule',
-                               'format_version', 'model_name', 'num_classes'}
+                               'args', 'format_version', 'model_name', 'num_classes', 'classes'}
+    assert checkpoint['classes'] == [f'class_{c:02d}' for c in range(CLASSES)]
     assert checkpoint['epoch'] == 1 and checkpoint['best_acc1'] == pytest.approx(max(accuracies[:2]))
     torchvision_googlenet(aux_logits=True).load_state_dict(checkpoint['state_dict'], strict=True)
 
