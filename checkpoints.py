@@ -62,10 +62,11 @@ def save(checkpoint, *paths):
         output_folder.atomic_save(checkpoint, path, 'checkpoint')
 
 
-def load(path, model_name, num_classes, required_keys, flag='--resume', resuming=True):
+def load(path, model_name, num_classes, required_keys, flag='--resume', resuming=True, classes=None):
     """Read and check a checkpoint written by these trainers or by the originals; any problem is one
     clear UsageError. model_name, num_classes: what it must hold (None: whatever it holds). resuming: False
-    when only the weights are wanted (inference), so an original's optimizer and schedule are not checked."""
+    when only the weights are wanted (inference), so an original's optimizer and schedule are not checked.
+    classes: the dataset's class names, which a checkpoint that records its own must hold in the same order."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: checkpoint '{path}' does not exist")
     checkpoint = read(path, flag)
@@ -87,7 +88,18 @@ def load(path, model_name, num_classes, required_keys, flag='--resume', resuming
     if num_classes is not None and checkpoint['num_classes'] != num_classes:
         raise UsageError(f"{flag}: '{path}' was trained on {checkpoint['num_classes']} classes but the "
                          f'dataset has {num_classes}')
+    if classes is not None:
+        check_classes(checkpoint.get('classes'), list(classes), path, flag)
     return checkpoint
+
+
+def check_classes(saved, classes, path, flag):
+    """The same labels must mean the same classes (checkpoints without a class list predate it: not checked)."""
+    if saved is None or list(saved) == classes:
+        return
+    label, ours, theirs = next((i, a, b) for i, (a, b) in enumerate(zip(classes, saved)) if a != b)
+    raise UsageError(f"{flag}: '{path}' was trained with other class names: label {label} is '{theirs}' there but "
+                     f"'{ours}' in this dataset (same count, other folders: its labels would mean other classes)")
 
 
 ANSI_ESCAPE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')

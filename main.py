@@ -250,11 +250,11 @@ def check_aux_heads(state_dict, model, path):
         raise UsageError(f"--resume: '{path}' was trained {how} the auxiliary classifiers; {fix} to resume it")
 
 
-def resume(path, dev, model_without_ddp, optimizer, schedule, model_name, num_classes, ema=None):
+def resume(path, dev, model_without_ddp, optimizer, schedule, model_name, classes, ema=None):
     """Load model, optimizer and schedule from `path`; returns training.Resumed (best_acc1 in its checkpoint)."""
     print(f"=> loading checkpoint '{path}'")
-    checkpoint = checkpoints.load(path, model_name, num_classes,
-                                  ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'))
+    checkpoint = checkpoints.load(path, model_name, len(classes),
+                                  ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'), classes=classes)
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
     resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'state_dict', ema)
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
@@ -348,7 +348,7 @@ def main(args):
 
     best_acc1, resumed = 0.0, training.NOT_RESUMED
     if args.resume:
-        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, num_classes, ema)
+        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema)
         best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
     if args.evaluate:

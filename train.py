@@ -230,7 +230,7 @@ def main(args):
     resumed = training.NOT_RESUMED
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
-                                      ('model', 'optimizer', 'lr_scheduler', 'epoch'))
+                                      ('model', 'optimizer', 'lr_scheduler', 'epoch'), classes=dataset.classes)
         resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'model', ema)
         args.start_epoch = resumed.start_epoch
 

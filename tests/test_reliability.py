@@ -104,7 +104,16 @@ BAD_INPUTS = {
                               r"--resume: '.*cut.pth' is not a readable checkpoint"),
     'foreign resume file': (lambda d, t: ['--resume', foreign_checkpoint(t)],
                             "--resume: '.*foreign.pth' was not written by these training scripts"),
+    'resume onto other class names': (
+        lambda d, t: ['--data-path', damaged_copy(d, t, rename_a_class), '--resume', str(t / 'out' / 'checkpoint.pth')],
+        r"--resume: '.*checkpoint.pth' was trained with other class names: label 1 is 'class_01' there but "
+        r"'class_01_renamed' in this dataset"),
 }
+
+
+def rename_a_class(root):
+    for split in ('train', 'val'):
+        (root / split / 'class_01').rename(root / split / 'class_01_renamed')
 
 
 def foreign_checkpoint(tmp_path):
