@@ -219,9 +219,23 @@ def start(dist_url, timeout_s, backend_for_local_rank):
     say(f'| rank {rank} received: {received or "no HCCL_ or MASTER_ variables"}'
         + (f'; gloo uses interface {interface} (HCCL_SOCKET_IFNAME)' if interface else ''))
     meeting.start_process_group(backend)
+    note = mpirun_kill_grace_note(os.environ) if rank == 0 and launcher == 'OpenMPI' else None
+    if note:
+        say(note)
     setup_for_distributed(rank == 0)
     _heartbeat = Heartbeat(rank, world_size, timeout_s, meeting.store)
     return Ranks(rank, world_size, local_rank, True)
+
+
+def mpirun_kill_grace_note(environ):
+    """A SIGTERM to mpirun starts its kill sequence: SIGCONT, SIGTERM, SIGKILL to every rank, odls_base_sigkill_timeout
+    seconds apart (1 s unless set; the demo wrappers set it and turn a SIGTERM into SIGUSR1). A note for the run's log
+    when it was left at 1 s: enough to save only where a step is short."""
+    if 'OMPI_MCA_odls_base_sigkill_timeout' in environ:
+        return None
+    return ('| note: a SIGTERM to mpirun leaves the ranks 1 s between its SIGTERM and SIGKILL to save '
+            '(odls_base_sigkill_timeout); stop this job with kill -USR1 <mpirun pid>, or start mpirun with '
+            '--mca odls_base_sigkill_timeout 30')
 
 
 def broadcast_buffers(module):

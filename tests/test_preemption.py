@@ -253,9 +253,10 @@ def test_sigusr1_to_plain_mpirun_saves_and_a_resume_with_other_settings_trains_t
             '--output-dir', str(out)]
     proc = subprocess.Popen(mpirun_prefix(2) + args + ['--epochs', '2'], cwd=REPO, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    read_until(proc, r'^Epoch: \[0\]  \[0/6\]')
+    log = read_until(proc, r'^Epoch: \[0\]  \[0/6\]')
     proc.send_signal(signal.SIGUSR1)  # mpirun alone
-    log = finish(proc)
+    log += finish(proc)
+    assert log.count('| note: a SIGTERM to mpirun leaves the ranks 1 s') == 1, log[:3000]  # rank 0, at start
     assert proc.returncode == 0, log[-3000:]
     assert_clean(log)
     stopped = STOPPED.search(log)
@@ -267,3 +268,29 @@ def test_sigusr1_to_plain_mpirun_saves_and_a_resume_with_other_settings_trains_t
     rest_per_rank = -(-(48 - position) // 2)
     rest_per_rank -= rest_per_rank % 3 == 1  # a trailing single sample is left out
     assert trained_per_rank(resumed.stdout) == [rest_per_rank + 2 * 24] * 2, resumed.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_sigterm_to_plain_mpirun_with_a_kill_grace_saves_and_the_resume_on_one_rank_trains_the_rest(
+        jpeg_dataset, tmp_path):
+    """mpirun's kill sequence is SIGCONT, SIGTERM, SIGKILL, odls_base_sigkill_timeout apart; given a grace (here 5 s)
+    the ranks save between its SIGTERM and its SIGKILL, and the run's log carries no note about the 1 s default."""
+    out = tmp_path / 'out'
+    args = ['train.py', '--data-path', jpeg_dataset, *REAL, '--print-freq', '2', '--dl-worker-type', 'FAST', '--num-eval-steps', '1', '--output-dir', str(out)]
+    launch = mpirun_prefix(2)
+    launch[1:1] = ['--mca', 'odls_base_sigkill_timeout', '5']
+    proc = subprocess.Popen(launch + args + ['--epochs', '20'], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = read_until(proc, r'^Epoch: \[1\]  \[2/6\]')
+    proc.send_signal(signal.SIGTERM)  # mpirun alone: SIGCONT now, SIGTERM in 5 s, SIGKILL in 10 s
+    log += finish(proc)
+    assert_clean(log)
+    assert 'note: a SIGTERM to mpirun' not in log
+    stopped = re.search(r'Stopped by SIGTERM: saved epoch (\d+) (after step \d+ .*?|\(complete\) )to (\S+) in', log)
+    assert stopped, log[-3000:]
+    epoch, mid_epoch, path = int(stopped.group(1)), stopped.group(2).startswith('after'), stopped.group(3)
+    resumed = run_script(['train.py', *args[1:], '--epochs', str(epoch + 2), '--batch-size', '8', '--resume', path])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert (f'Resuming epoch {epoch} at step' in resumed.stdout) == mid_epoch, resumed.stdout[-2000:]
+    assert re.search(rf'^Epoch: \[{epoch + 1}\]  \[0/6\]', resumed.stdout, flags=re.M), resumed.stdout[-2000:]
