@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+import training
 from cli import UsageError
 
 MODES = ('training', 'benchmark-training', 'benchmark-inference')
@@ -90,7 +91,6 @@ def measure(step, batches, warmup, iterations, dev):
 
 
 def training_step(model, criterion, optimizer, dev):
-    import training
     model.train()
 
     def step(image, target):
