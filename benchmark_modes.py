@@ -14,6 +14,7 @@ The results go to stdout as a table and to a JSON file (rank 0).
 import json
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,9 +70,16 @@ def endless(make_loader):
             raise UsageError('--mode benchmark: the loader has no batch at this batch size (too few images?)')
 
 
+class Measured(NamedTuple):
+    first_step_s: float   # the first warm-up step (None without warm-up): with --compile, compiling
+    step_s: list          # each measured step
+    window_s: float       # wall-clock time of the measured steps, waiting for data included
+    cpu_s: float          # CPU time of this process over the same window
+
+
 def measure(step, batches, warmup, iterations, dev):
-    """(first step's seconds, measured step seconds, measured window seconds) of `step(image, target)` over
-    `warmup` unmeasured and `iterations` measured batches of `batches`."""
+    """Measured times of `step(image, target)` over `warmup` unmeasured and `iterations` measured batches of
+    `batches`."""
     first_step = None
     for _ in range(warmup):
         image, target = next(batches)
@@ -80,14 +88,14 @@ def measure(step, batches, warmup, iterations, dev):
         dev.synchronize()
         first_step = time.perf_counter() - started if first_step is None else first_step
     times = []
-    window_start = time.perf_counter()
+    window_start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(iterations):
         image, target = next(batches)
         started = time.perf_counter()
         step(image, target)
         dev.synchronize()
         times.append(time.perf_counter() - started)
-    return first_step, times, time.perf_counter() - window_start
+    return Measured(first_step, times, time.perf_counter() - window_start, time.process_time() - cpu_start)
 
 
 def training_step(model, criterion, optimizer, dev):
@@ -124,10 +132,11 @@ def run(mode, step, make_loader, batch_sizes, warmup, iterations, dev, descripti
     print the table, write `json_path` (rank 0, when given) and return the report (a dict)."""
     results = []
     for batch_size in batch_sizes:
-        first_step, times, window = measure(step, endless(lambda: make_loader(batch_size)), warmup, iterations, dev)
-        result = summarise(times, batch_size, window)
+        measured = measure(step, endless(lambda: make_loader(batch_size)), warmup, iterations, dev)
+        result = summarise(measured.step_s, batch_size, measured.window_s)
         per_rank = gather(result['img_per_s'])
-        result.update(img_per_s_per_rank=per_rank, img_per_s_all_ranks=sum(per_rank), first_step_s=first_step)
+        result.update(img_per_s_per_rank=per_rank, img_per_s_all_ranks=sum(per_rank),
+                      first_step_s=measured.first_step_s)
         results.append(result)
     report = dict(description, mode=mode, warmup_steps=warmup, measured_steps=iterations,
                   world_size=len(results[0]['img_per_s_per_rank']) if results else 1,

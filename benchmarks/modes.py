@@ -5,8 +5,9 @@ batch made once; a plain forward under no_grad, or forward, backward and SGD), a
 torch.compile'd project step against the eager one, compile time reported on its own (the first warm-up step,
 cold cache: a fresh TORCHINDUCTOR_CACHE_DIR).
 
-Rounds alternate the order of the variants; img/s is the median over rounds (min-max shown), latencies are over
-all measured steps of all rounds. Ratios, not absolute figures, are what carries from run to run on a shared
+Rounds alternate the order of the variants; img/s is the median over rounds (min-max shown), img/CPU-s the
+median of measured images per CPU-second of this process (on a shared machine the steadier figure; use
+--threads 1 there, as idle OpenMP threads spinning count), latencies are over all measured steps of all rounds. Ratios, not absolute figures, are what carries from run to run on a shared
 machine.
 
     python benchmarks/modes.py --threads 2                                   # resnet18 + resnet50, batch 1 and 8
@@ -114,6 +115,7 @@ def measure_case(model_name, mode, batch_size, args):
     rounds = {name: [] for name in steps}
     pooled = {name: [] for name in steps}
     first_steps = {name: [] for name in steps}
+    cpu_rates = {name: [] for name in steps}
     for round_index in range(args.rounds):
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
@@ -122,31 +124,35 @@ def measure_case(model_name, mode, batch_size, args):
                 model.eval()  # the bare loop runs the model as it is
             else:
                 model.train()
-            first, times, window = benchmark_modes.measure(step, batches, args.warmup, args.iterations, dev)
-            rounds[name].append(benchmark_modes.summarise(times, batch_size, window)['img_per_s'])
-            pooled[name] += times
-            first_steps[name].append(first)
+            measured = benchmark_modes.measure(step, batches, args.warmup, args.iterations, dev)
+            rounds[name].append(benchmark_modes.summarise(measured.step_s, batch_size, measured.window_s)['img_per_s'])
+            cpu_rates[name].append(len(measured.step_s) * batch_size / measured.cpu_s)
+            pooled[name] += measured.step_s
+            first_steps[name].append(measured.first_step_s)
     results = {}
     for name in steps:
         summary = benchmark_modes.summarise(pooled[name], batch_size)
         summary.update(img_per_s=statistics.median(rounds[name]), img_per_s_rounds=rounds[name],
-                       first_step_s=first_steps[name])
+                       img_per_cpu_s=statistics.median(cpu_rates[name]), first_step_s=first_steps[name])
         results[name] = summary
     return results
 
 
 def report(model_name, mode, batch_size, results, tag):
-    base = results['bare loop']['img_per_s']
-    eager = results['project step']['img_per_s']
+    """One line per variant; ratios against the bare loop (and the eager project step) of wall img/s and of
+    img per CPU-second of the process (the figure least disturbed by other processes)."""
+    base, eager = results['bare loop'], results['project step']
     for name, r in results.items():
         lat, spread = r['latency_ms'], r['img_per_s_rounds']
-        ratio = f"{r['img_per_s'] / base:.3f}x bare"
+        ratio = f"{r['img_per_s'] / base['img_per_s']:.3f}x bare wall, {r['img_per_cpu_s'] / base['img_per_cpu_s']:.3f}x CPU"
         if name == 'compiled step':
-            ratio += f", {r['img_per_s'] / eager:.3f}x eager; compile (first warm-up step, cold cache) " \
-                     f"{r['first_step_s'][0]:.1f} s"
+            ratio += (f"; vs eager {r['img_per_s'] / eager['img_per_s']:.3f}x wall, "
+                      f"{r['img_per_cpu_s'] / eager['img_per_cpu_s']:.3f}x CPU; compile (first warm-up step, cold "
+                      f"cache) {r['first_step_s'][0]:.1f} s")
         print(f"{model_name:9s} {mode:19s} b{batch_size:<4d} {name:13s} {r['img_per_s']:8.2f} img/s "
-              f"({min(spread):.2f}-{max(spread):.2f})  latency ms mean {lat['mean']:.1f} p90 {lat['p90']:.1f} "
-              f"p95 {lat['p95']:.1f} p99 {lat['p99']:.1f}  {ratio}  {tag}", flush=True)
+              f"({min(spread):.2f}-{max(spread):.2f}) {r['img_per_cpu_s']:7.2f} img/CPU-s  latency ms mean "
+              f"{lat['mean']:.1f} p90 {lat['p90']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f}  {ratio}  {tag}",
+              flush=True)
 
 
 def main():
