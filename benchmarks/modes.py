@@ -7,11 +7,11 @@ cold cache: a fresh TORCHINDUCTOR_CACHE_DIR).
 
 Rounds alternate the order of the variants; img/s is the median over rounds (min-max shown), img/CPU-s the
 median of measured images per CPU-second of this process (on a shared machine the steadier figure; use
---threads 1 there, as idle OpenMP threads spinning count), latencies are over all measured steps of all rounds. Ratios, not absolute figures, are what carries from run to run on a shared
-machine.
+--threads 1 there, as idle OpenMP threads spinning count), latencies are over all measured steps of all
+rounds. Ratios, not absolute figures, are what carries from run to run on a shared machine.
 
-    python benchmarks/modes.py --threads 2                                   # resnet18 + resnet50, batch 1 and 8
-    python benchmarks/modes.py --threads 2 --models resnet18 --batch-sizes 8 --compile
+    python benchmarks/modes.py --threads 1                                   # resnet18 + resnet50, batch 1 and 8
+    python benchmarks/modes.py --threads 1 --models resnet18 --batch-sizes 8 --compile
     python benchmarks/modes.py --device cuda --batch-sizes 1 64 256 --warmup 20 --iterations 100
 """
 import argparse
@@ -105,7 +105,8 @@ def variants(model_name, mode, batch_size, args):
     if args.compile:
         compiled = dev.compile(model)
         found['compiled step'] = (benchmark_modes.training_step(compiled, criterion, optimizer, dev)
-                                  if mode == 'benchmark-training' else benchmark_modes.inference_step(compiled, dev))
+                                  if mode == 'benchmark-training' else benchmark_modes.inference_step(compiled, dev),
+                                  None)
     return dev, model, {name: (step, batches or synthetic_batches(dev, mode, batch_size, args.image_size))
                         for name, (step, batches) in found.items()}
 
