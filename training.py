@@ -177,7 +177,8 @@ def compile_model(dev, model, enabled):
     """--compile: the model to train (DDP-wrapped on several ranks) through torch.compile, as PyTorch's DDP notes
     recommend (compiling the DDP module lets its optimizer split the graph at the gradient buckets). The
     uncompiled module stays model_without_ddp: checkpoints, the EMA and evaluation use it, so saved keys have no
-    `_orig_mod.` prefix. The first step of each input shape compiles (trainers leave it out of img/s)."""
+    `_orig_mod.` prefix. The first step compiles (the trainers leave it out of img/s); a new input shape, e.g. a
+    short last batch, compiles again."""
     if not enabled:
         return model
     print('--compile: torch.compile(model); the first step of each batch shape compiles')
