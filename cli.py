@@ -110,6 +110,14 @@ def add_image_size_args(parser):
     parser.add_argument('--val-crop-size', default=224, type=int, help='validation center crop size')
 
 
+def add_compile_arg(parser):
+    """--compile, both trainers: torch.compile the model on cuda and cpu (README, Synthetic data and benchmark
+    modes)."""
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the model (cuda, cpu; on hpu lazy mode is the graph compiler); the '
+                             'first step of each batch shape compiles and is left out of img/s')
+
+
 def compatibility_group(parser):
     """The group of flags the originals take that these scripts accept, so their command lines run unchanged,
     and ignore (each help says why)."""
@@ -127,7 +135,8 @@ def add_recipe_args(parser):
                        help='print the LR, weight decay, momentum resets and augmentation per epoch (and per '
                             'iteration around phase boundaries) for these flags and world size, then exit')
     group.add_argument('--dataset-size', default=None, type=int, metavar='N',
-                       help='--print-schedule only: training images (default: ImageNet-1k\'s 1281167)')
+                       help='training images for --print-schedule and for an epoch of --data-path synthetic '
+                            '(default: ImageNet-1k\'s 1281167)')
     group.add_argument('--lr-scheduler', default='steplr',
                        help='steplr (per epoch, the default; per iteration with a warm-up), cosineannealinglr, '
                             'polynomiallr (MLPerf/LARS: to --lr-min), collapse (--lr-phases)')

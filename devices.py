@@ -103,6 +103,17 @@ class CPUDevice:
     def mark_step(self, point):
         """Cut the lazy graph at a named point of the step (HPU lazy mode only)."""
 
+    def synchronize(self):
+        """Wait until the device has finished the work queued so far (timing). CPU ops run synchronously."""
+
+    # Why --compile cannot run on this device (None: it can).
+    compile_refusal = None
+
+    def compile(self, model):
+        """torch.compile(model) (the default inductor backend), one graph per input shape: a new batch size
+        compiles again instead of switching every shape to a dynamic graph."""
+        return torch.compile(model, dynamic=False)
+
     def autocast(self):
         """Context for forward and loss: the op-list mixed precision when --hmp is on."""
         return self.precision if self.precision is not None else contextlib.nullcontext()
@@ -192,6 +203,9 @@ class CUDADevice(CPUDevice):
     def _warn_if_bf16_is_slow(self):
         """bf16 runs on the GPU: the CPU's bf16 support does not matter."""
 
+    def synchronize(self):
+        torch.cuda.synchronize(self.index)
+
     def init_distributed(self, local_rank):
         self.index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(self.index)
@@ -275,6 +289,19 @@ class HPUDevice(CPUDevice):
     def mark_step(self, point):
         if self.lazy_mode and point in self.mark_points:
             self.htcore.mark_step()
+
+    compile_refusal = ("--compile: on hpu, Habana's lazy mode is the graph compiler (--run-lazy-mode True, "
+                       "main.py --enable-lazy); torch.compile(backend='hpu_backend') needs SynapseAI 1.12+, which this "
+                       'port does not target: leave out --compile')
+
+    def synchronize(self):
+        """Run the queued lazy graph and wait for it (the bridge's hpu.synchronize where it has one)."""
+        self.htcore.mark_step()
+        try:
+            import habana_frameworks.torch.hpu as hthpu
+        except ImportError:
+            return
+        hthpu.synchronize()
 
     def optimizer_step_context(self):
         return self.hmp.disable_casts() if self.hmp is not None else contextlib.nullcontext()

@@ -3,15 +3,25 @@ the training and validation loaders of the asked --dl-worker-type (MP, HABANA or
 
 MP is torch's DataLoader with the reference PIL transforms; FAST the fast JPEG pipeline (fast_jpeg.py),
 whose uint8 batches are normalised on the device; HABANA Habana's habana_dataloader, or FAST where that
-package is not installed. Every loader yields (images, targets) ready for the device layer.
+package is not installed. `--data-path synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once
+on the device, normalised there as FAST's, for measuring compute alone. Every loader yields (images, targets)
+ready for the device layer.
 """
+import math
 import time
 from typing import NamedTuple
+
+import torch
 
 import data
 import fast_jpeg
 import samplers
+import schedules
 from cli import UsageError
+
+SYNTHETIC = 'synthetic'              # the --data-path that selects synthetic data (DLE's --data-backend name)
+SYNTHETIC_CLASSES = 1000             # ImageNet-1k's
+IMAGENET_VAL_IMAGES = 50000
 
 
 class Loaders(NamedTuple):
@@ -19,7 +29,7 @@ class Loaders(NamedTuple):
     train_sampler: object  # set_epoch(epoch, position) before each epoch; position_after() after a stop
     train: object          # training loader
     val: object            # validation loader
-    kind: str              # the loader that really runs: MP, HABANA or FAST
+    kind: str              # the loader that really runs: MP, HABANA, FAST or SYNTHETIC
 
 
 def habana_dataloader_class():
@@ -92,7 +102,8 @@ def check_augmentation(kind, augmentation, plain_crop_epochs):
 
 def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seeded, device, pin_memory,
           worker_start_method, train_crop_size=224, val_resize_size=256, val_crop_size=224, cache_dataset=False,
-          output_dir='', loader_seed=0, augmentation=NO_AUGMENTATION, plain_crop_epochs=False):
+          output_dir='', loader_seed=0, augmentation=NO_AUGMENTATION, plain_crop_epochs=False,
+          synthetic_images=None):
     """Loaders for data_path (train/ and val/ class folders).
 
     seed: the training order's (DistributedSampler's) seed. seeded: each sample's augmentation is drawn from
@@ -101,7 +112,13 @@ def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seede
     the file lists under output_dir (--cache-dataset). augmentation: --auto-augment and --random-erase (MP
     only). plain_crop_epochs: some epochs train without scale/aspect augmentation (train_sampler.set_epoch's
     `augment`; an LR-collapse phase), so the MP samples are keyed with the setting.
+    data_path 'synthetic': build_synthetic's loaders (--dl-worker-type and the file options do not apply),
+    an epoch of `synthetic_images` training images (default: ImageNet-1k's 1,281,167).
     """
+    if data_path == SYNTHETIC:
+        return build_synthetic(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, device=device,
+                               train_crop_size=train_crop_size, val_crop_size=val_crop_size,
+                               train_images=synthetic_images)
     kind = resolve_kind(kind)
     check_augmentation(kind, augmentation, plain_crop_epochs)
     cache_dir = data.dataset_cache_dir(output_dir) if cache_dataset else None
@@ -133,3 +150,46 @@ def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seede
                                        loader_seed)
                       for ds, sampler, is_train in ((dataset, train_sampler, True), (dataset_test, test_sampler, False)))
     return Loaders(classes, train_sampler, train, val, kind)
+
+
+class SyntheticBatches:
+    """`len(sampler)` samples of this rank in batches of `batch_size` (the last one shorter; for training, as
+    samplers.train_batches counts them), all cut from one random uint8 NCHW batch (a channels_last view of an
+    NHWC buffer, as FAST's) and its labels, made once on `device`. Iterating yields views: nothing is copied."""
+
+    def __init__(self, sampler, batch_size, crop_size, device, seed, train, num_classes=SYNTHETIC_CLASSES):
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.train = train
+        generator = torch.Generator().manual_seed(seed)
+        nhwc = torch.randint(0, 256, (batch_size, crop_size, crop_size, 3), dtype=torch.uint8, generator=generator)
+        self.images = nhwc.to(device).permute(0, 3, 1, 2)
+        self.targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+
+    def __len__(self):
+        samples = len(self.sampler)
+        return samplers.train_batches(samples, self.batch_size) if self.train else math.ceil(samples / self.batch_size)
+
+    def __iter__(self):
+        samples = len(self.sampler)
+        for step in range(len(self)):
+            size = min(self.batch_size, samples - step * self.batch_size)
+            yield self.images[:size], self.targets[:size]
+
+
+def build_synthetic(*, batch_size, world_size, rank, seed, device, train_crop_size=224, val_crop_size=224,
+                    train_images=None, val_images=IMAGENET_VAL_IMAGES):
+    """Loaders of synthetic data: each rank its share of an epoch of `train_images` training images (ImageNet's
+    1,281,167 by default; --num-train-steps shortens it as for real data) and of `val_images` validation ones,
+    through the samplers real data uses (so resume and the step counts behave the same), labels in
+    [0, 1000). The uint8 batches are normalised on the device as FAST's (fast_jpeg.NormalizedOnDevice)."""
+    train_images = train_images or schedules.IMAGENET_TRAIN_IMAGES
+    print(f'Synthetic data: {train_images} training and {val_images} validation images per epoch, '
+          f'{SYNTHETIC_CLASSES} classes, one random batch made once on {device}; no files are read')
+    train_sampler = samplers.TrainSampler(train_images, world_size, rank, seed)
+    val_sampler = samplers.ShardedEvalSampler(val_images, world_size, rank)
+    train = SyntheticBatches(train_sampler, batch_size, train_crop_size, device, seed, train=True)
+    val = SyntheticBatches(val_sampler, batch_size, val_crop_size, device, seed + 1, train=False)
+    classes = [f'synthetic_{i}' for i in range(SYNTHETIC_CLASSES)]
+    return Loaders(classes, train_sampler, fast_jpeg.NormalizedOnDevice(train, device),
+                   fast_jpeg.NormalizedOnDevice(val, device), 'SYNTHETIC')

@@ -126,9 +126,10 @@ def update_accuracy(top1, top5, logits, target):
 
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
-          warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None):
+          warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None, compiles=False):
     """One epoch (from `first_step` after a mid-epoch stop), with a recipe's `extras` around each step
-    (training.StepExtras). Returns (images trained, step to resume from when a
+    (training.StepExtras). `compiles`: the first step compiles the model (--compile; it falls in the warm-up
+    windows the averages leave out, and its time is printed). Returns (images trained, step to resume from when a
     stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
     next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
@@ -155,6 +156,9 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
         extras.after_step(model_without_ddp, epoch, i)
         window.step_done(images.shape[0])
         nonfinite.track(loss, i, lr)
+        if compiles and i == first_step:
+            print(f'--compile: step {i} compiled the model ({time.time() - window.start:.1f} s, data wait included); '
+                  'the averages leave out the first print windows')
 
         printed = (i - first_step) % print_interval == 0
         if printed:
@@ -294,7 +298,8 @@ def load_data(args, dev, ranks):
                          val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
                          loader_seed=args.seed if seeded else int(torch.randint(2 ** 31, ()).item()),
                          augmentation=recipe_flags.augmentation(args),
-                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args))
+                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args),
+                         synthetic_images=args.dataset_size)
 
 
 def check_args(args):
@@ -321,7 +326,7 @@ def main(args):
                                 dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=True,
                                 hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
                                                         args.hmp_verbose),
-                                lazy_mode=args.enable_lazy, index=args.gpu)
+                                lazy_mode=args.enable_lazy, index=args.gpu, compile=args.compile)
     vars(args).update(ranks._asdict())  # for print(args), as the original's distributed set-up
     dev.mark_points = devices.EXAMPLES_MARK_POINTS
     print(args)
@@ -343,6 +348,7 @@ def main(args):
     schedule = recipe_flags.make_schedule(optimizer, args, len(train_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, **DDP_SETTINGS)
+    model = training.compile_model(dev, model, args.compile)
     extras = recipe_flags.make_extras(args, schedule, model_without_ddp, num_classes, global_batch)
     ema = extras.ema
 
@@ -374,7 +380,8 @@ def main(args):
         images, stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
                                    num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch,
                                    stop=stop, first_step=first_step, extras=extras,
-                                   model_without_ddp=model_without_ddp)
+                                   model_without_ddp=model_without_ddp,
+                                   compiles=args.compile and epoch == args.start_epoch)
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
@@ -416,7 +423,8 @@ def get_args_parser(add_help=True):
     parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
                         help='per-process mini-batch size (default: 256)')
     parser.add_argument('--data-path', metavar='DIR', required=True,
-                        help='path to dataset (with train/ and val/ folders)')
+                        help='path to dataset (with train/ and val/ folders), or synthetic: random batches made '
+                             'once on the device')
     parser.add_argument('--device', default='hpu', choices=['cpu', 'hpu', 'gpu'],
                         help='cpu, hpu or gpu (CUDA)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
@@ -462,6 +470,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--world-size', default=1, type=int,
                         help='ranks, for --print-schedule and --recipe outside a launcher (a launcher\'s variables win)')
     cli.add_image_size_args(parser)
+    cli.add_compile_arg(parser)
     cli.add_recipe_args(parser)
     ignored = cli.compatibility_group(parser)
     ignored.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'],

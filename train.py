@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import benchmark_modes
 import checkpoints
 import cli
 import devices
@@ -27,9 +28,11 @@ from cli import UsageError
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
                     num_train_steps=sys.maxsize, stop=None, first_step=0, extras=training.NO_EXTRAS,
-                    model_without_ddp=None):
+                    model_without_ddp=None, compiles=False):
     """Train one epoch (from `first_step` when resuming mid-epoch), with a recipe's `extras` around each step
-    (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update).
+    (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update). `compiles`: the
+    first step compiles the model (--compile, the run's first epoch): its line shows img/s nan and the next
+    window starts after it.
 
     Returns (images trained, step to resume from when a stop signal ended the epoch early, else None).
     The meters are updated on logged steps only, where the step waits for the device anyway; a NaN or
@@ -53,6 +56,8 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
         output, loss = training.train_step(model, criterion, optimizer, dev, image, loss_target, extras.clip_grad_norm)
         extras.after_step(model_without_ddp, epoch, step)
         throughput.step_done(image.shape[0])
+        compiling = compiles and step == first_step
+        compile_seconds = time.time() - throughput.start if compiling else None
         nonfinite.track(loss, step, lr)
 
         if (step - first_step) % print_freq == 0:
@@ -62,7 +67,11 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
             metric_logger.update(loss=loss.item(), lr=lr)
             metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
             metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
-            metric_logger.meters['img/s'].update(throughput.images_per_second())
+            rate = throughput.images_per_second()
+            metric_logger.meters['img/s'].update(float('nan') if compiling else rate)
+        if compiling:
+            print(f'--compile: step {step} compiled the model ({compile_seconds:.1f} s, data wait included); '
+                  'img/s leaves it out')
         if stop is not None and stop.after_step(step):
             return throughput.total_images, step + 1
     nonfinite.check(epoch)
@@ -106,11 +115,13 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
     return metric_logger.acc1.global_avg
 
 
-def load_data(data_path, args, dev, ranks):
+def load_data(data_path, args, dev, ranks, batch_size=None):
     """The datasets of data_path/train and data_path/val, their samplers and loaders (loaders.build), with
     upstream's progress lines. The training order is shuffled from --seed; with --deterministic every
-    sample's augmentation is seeded too."""
-    return loaders.build(data_path, kind=args.dl_worker_type, batch_size=args.batch_size, workers=args.workers,
+    sample's augmentation is seeded too. `--data-path synthetic`: random batches made once on the device
+    (--dataset-size training images per epoch, ImageNet's by default)."""
+    return loaders.build(data_path, kind=args.dl_worker_type, batch_size=batch_size or args.batch_size,
+                         workers=args.workers,
                          world_size=ranks.world_size, rank=ranks.rank, seed=args.seed, seeded=args.deterministic,
                          device=dev.torch_device, pin_memory=dev.pin_memory(),
                          worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
@@ -118,7 +129,8 @@ def load_data(data_path, args, dev, ranks):
                          cache_dataset=args.cache_dataset, output_dir=args.output_dir,
                          loader_seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()),
                          augmentation=recipe_flags.augmentation(args),
-                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args))
+                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args),
+                         synthetic_images=args.dataset_size)
 
 
 def custom_lr_table(base_lr, values, milestones, epochs):
@@ -161,6 +173,7 @@ def check_args(args):
                         ('--val-crop-size', args.val_crop_size, 1),
                         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    benchmark_modes.check(args.mode, args.bench_warmup, args.bench_iterations, args.benchmark_batch_sizes, args.compile)
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
@@ -202,11 +215,13 @@ def main(args):
                                 dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=args.channels_last,
                                 hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
                                                         args.hmp_verbose),
-                                lazy_mode=args.run_lazy_mode)
+                                lazy_mode=args.run_lazy_mode, compile=args.compile)
     vars(args).update(ranks._asdict())  # for print(args) and the checkpoints, as upstream's init_distributed_mode
     dev.mark_points = devices.reference_mark_points(args.model, ranks.distributed)
     print(args)
     training.seed_everything(args.seed, args.deterministic)
+    if args.mode != 'training':
+        return benchmark(args, dev, ranks)
 
     dataset = load_data(args.data_path, args, dev, ranks)
     args.dl_worker_type = dataset.kind  # the loader that really runs, for the checkpoints
@@ -223,6 +238,7 @@ def main(args):
     schedule = None if lr_table else recipe_flags.make_schedule(optimizer, args, len(data_loader), global_batch)
 
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
+    model = training.compile_model(dev, model, args.compile)
     extras = recipe_flags.make_extras(args, schedule or training.NO_SCHEDULE, model_without_ddp, num_classes,
                                       global_batch)
     ema = extras.ema
@@ -257,7 +273,8 @@ def main(args):
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
                                              dl_time_exclude=args.dl_time_exclude,
                                              num_train_steps=args.num_train_steps, stop=stop, first_step=first_step,
-                                             extras=extras, model_without_ddp=model_without_ddp)
+                                             extras=extras, model_without_ddp=model_without_ddp,
+                                             compiles=args.compile and epoch == args.start_epoch)
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
@@ -281,11 +298,41 @@ def main(args):
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
 
 
+def benchmark(args, dev, ranks):
+    """--mode benchmark-training | benchmark-inference (benchmark_modes.py): the model, loss and optimizer of a
+    training run, measured at each of --benchmark-batch-sizes on the training (benchmark-training) or
+    validation (benchmark-inference) loader, the plain step (no recipe extras); no evaluation, no checkpoint."""
+    num_classes = len(load_data(args.data_path, args, dev, ranks).classes)
+    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained), args.sync_bn,
+                                 ranks.distributed)
+    criterion = training.make_criterion(args.label_smoothing)
+    optimizer = recipe_flags.make_optimizer(dev, model, args)
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
+    if args.mode == 'benchmark-training':
+        step = benchmark_modes.training_step(training.compile_model(dev, model, args.compile), criterion, optimizer, dev)
+    else:
+        step = benchmark_modes.inference_step(training.compile_model(dev, model_without_ddp, args.compile), dev)
+
+    def loader(batch_size):
+        dataset = load_data(args.data_path, args, dev, ranks, batch_size)
+        return dataset.train if args.mode == 'benchmark-training' else dataset.val
+    json_path = args.benchmark_json or (os.path.join(args.output_dir, f'{args.mode}.json') if args.output_dir else None)
+    precision = ('hmp bf16' if args.is_hmp else 'fp32') + (', channels-last' if args.channels_last else '') + \
+        (', compiled' if args.compile else '')
+    description = dict(model=args.model, device=f'{args.device} ({precision})',
+                       data='synthetic' if args.data_path == loaders.SYNTHETIC else args.data_path,
+                       crop_size=args.train_crop_size if args.mode == 'benchmark-training' else args.val_crop_size,
+                       compile=args.compile, hmp=args.is_hmp, channels_last=args.channels_last)
+    return benchmark_modes.run(args.mode, step, loader, args.benchmark_batch_sizes or [args.batch_size],
+                               args.bench_warmup, args.bench_iterations, dev, description, json_path)
+
+
 def get_args_parser(add_help=True):
     parser = cli.ArgumentParser(description='PyTorch Classification Training', add_help=add_help)
     bool_arg = cli.parse_bool
 
-    parser.add_argument('--data-path', default='/software/data/pytorch/imagenet/ILSVRC2012/', help='dataset')
+    parser.add_argument('--data-path', default='/software/data/pytorch/imagenet/ILSVRC2012/',
+                        help='dataset (train/ and val/ folders), or synthetic: random batches made once on the device')
     parser.add_argument('--dl-time-exclude', default='True', type=bool_arg,
                         help='Set to False to include data load time')
     parser.add_argument('--model', default='resnet18',
@@ -339,6 +386,19 @@ def get_args_parser(add_help=True):
                         help='seed every RNG and each sample\'s augmentation, so runs repeat exactly')
     cli.add_hmp_args(parser, bf16_default='', fp32_default='')
     cli.add_image_size_args(parser)
+    cli.add_compile_arg(parser)
+    bench = parser.add_argument_group('benchmark modes (README, Synthetic data and benchmark modes)')
+    bench.add_argument('--mode', default='training', choices=benchmark_modes.MODES,
+                       help='training (the usual run), or measure img/s and latency: benchmark-training (training '
+                            'steps), benchmark-inference (forward passes on the validation loader)')
+    bench.add_argument('--bench-warmup', default=10, type=int, metavar='N',
+                       help='benchmark modes: steps run and left out before measuring, per batch size (default: 10)')
+    bench.add_argument('--bench-iterations', default=100, type=int, metavar='N',
+                       help='benchmark modes: measured steps per batch size (default: 100)')
+    bench.add_argument('--benchmark-batch-sizes', default=None, type=int, nargs='+', metavar='B',
+                       help='benchmark modes: the per-process batch sizes to measure (default: --batch-size)')
+    bench.add_argument('--benchmark-json', default=None, metavar='PATH',
+                       help='benchmark modes: where to write the results (default: <output-dir>/<mode>.json)')
     cli.add_recipe_args(parser)
     ignored = cli.compatibility_group(parser)
     ignored.add_argument('--process-per-node', default=8, type=int, metavar='N',

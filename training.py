@@ -40,10 +40,13 @@ def hmp_config(enabled, bf16_path, fp32_path, opt_level='O1', verbose=False):
 
 
 def start(device, *, output_dir, writes, dist_url, dist_timeout, channels_last=True, hmp=None, lazy_mode=True,
-          index=0):
+          index=0, compile=False):
     """The device, the output folder (created, probed and locked on the rank that writes; `writes` is False
-    for a run that only evaluates) and the process group, in that order. Returns (device layer, Ranks)."""
+    for a run that only evaluates) and the process group, in that order. Returns (device layer, Ranks).
+    `compile` (--compile) is refused here, before anything is read, on a device that cannot run it."""
     dev = devices.create(device, channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode, index=index)
+    if compile and dev.compile_refusal:
+        raise UsageError(dev.compile_refusal)
     checkpoints.prepare_output_dir(output_dir, writes=writes)
     ranks = distributed.start(dist_url, dist_timeout, dev.init_distributed)
     return dev, ranks
@@ -168,6 +171,18 @@ def wrap_ddp(dev, model, distributed, model_name, **ddp_options):
         return model, model
     ddp_model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(model_name), **ddp_options))
     return ddp_model, ddp_model.module
+
+
+def compile_model(dev, model, enabled):
+    """--compile: the model to train (DDP-wrapped on several ranks) through torch.compile, as PyTorch's DDP notes
+    recommend (compiling the DDP module lets its optimizer split the graph at the gradient buckets). The
+    uncompiled module stays model_without_ddp: checkpoints, the EMA and evaluation use it, so saved keys have no
+    `_orig_mod.` prefix. The first step compiles (the trainers leave it out of img/s); a new input shape, e.g. a
+    short last batch, compiles again."""
+    if not enabled:
+        return model
+    print('--compile: torch.compile(model); the first step of each batch shape compiles')
+    return dev.compile(model)
 
 
 class Resumed(NamedTuple):
