@@ -26,6 +26,7 @@ from cli import UsageError
 FILE_NAME = 'metrics.jsonl'
 TENSORBOARD_FOLDER = 'tensorboard'
 HERE = os.path.dirname(os.path.abspath(__file__))
+NOT_SCALARS = ('epoch', 'step', 'timestamp')  # where a record is, not what it measures
 INSTALL_TENSORBOARD = ('--tensorboard: the tensorboard package is not installed; install it with '
                        '`pip install tensorboard` or leave out --tensorboard')
 
@@ -188,8 +189,9 @@ class MetricsFile(NoMetrics):
                 self.writing = False  # the descriptor stays open until close(): its number is not reused
         if self.tensorboard is not None and global_step is not None:
             for key, value in record.items():
-                if '.' in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key.replace('.', '/'), value, global_step)
+                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tag = key.replace('.', '/') if '.' in key else f"{record['type']}/{key}"  # epoch/epoch_time
+                    self.tensorboard.add_scalar(tag, value, global_step)
             self.tensorboard.flush()
 
 
@@ -203,12 +205,16 @@ def _close(fd, tensorboard):
         tensorboard.close()
 
 
+def file_path(path):
+    """The metrics file a path names: the file itself, or `<folder>/metrics.jsonl`."""
+    return os.path.join(path, FILE_NAME) if os.path.isdir(path) else path
+
+
 def read(path):
     """The records of a metrics file, or of `<folder>/metrics.jsonl`; a UsageError naming the file when it is
     missing, empty or not a metrics file. A last line without its newline (a run killed mid-write on a file
     system that allows it) is left out."""
-    if os.path.isdir(path):
-        path = os.path.join(path, FILE_NAME)
+    path = file_path(path)
     try:
         with open(path, 'rb') as f:
             data = f.read()

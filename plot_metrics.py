@@ -58,7 +58,7 @@ def positions(records):
 def load_run(path):
     records = last_run(metrics.read(path))
     if not any(r['type'] in ('train', 'val', 'epoch') for r in records):
-        raise UsageError(f"'{path}' has no train or val records to plot (only the start of a run)")
+        raise UsageError(f"'{metrics.file_path(path)}' has no train or val records to plot (only the start of a run)")
     return records
 
 
