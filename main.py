@@ -124,9 +124,9 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
           warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None,
           metrics_file=metrics.NO_METRICS):
     """One epoch (from `first_step` after a mid-epoch stop), with a recipe's `extras` around each step
-    (training.StepExtras), each progress line's values going to `metrics_file` too. Returns (images trained, step to resume from when a
-    stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
-    next printed step."""
+    (training.StepExtras), each progress line's values going to `metrics_file` too. Returns (images trained,
+    step to resume from when a stop signal ended the epoch early, else None); a NaN or infinite loss raises
+    stopping.NonFiniteLoss at the next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)

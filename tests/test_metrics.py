@@ -174,7 +174,8 @@ def test_tensorboard_events_read_back_with_the_jsonl_tags(train_run):
 def test_test_only_appends_a_header_and_its_evaluation(train_run, jpeg_dataset, tmp_path, keep_stop_handlers):
     before = (train_run / 'metrics.jsonl').read_bytes()
     code = run_in_process(train, ['--data-path', jpeg_dataset, '--output-dir', str(train_run), *QUICK,
-                                  '--num-eval-steps', '1', '--test-only', '--resume', str(train_run / 'checkpoint.pth')])
+                                  '--num-eval-steps', '1', '--test-only',
+                                  '--resume', str(train_run / 'checkpoint.pth')])
     assert code == 0
     after = (train_run / 'metrics.jsonl').read_bytes()
     assert after.startswith(before)
@@ -280,8 +281,9 @@ def test_plot_draws_the_last_start_with_its_resumes_against_fractional_epochs():
 
 def test_demo_resnet_passes_tensorboard_on(capsys, monkeypatch):
     monkeypatch.delenv('MULTI_HLS_IPS', raising=False)
+    argv = ['--world-size', '1', '--device', 'cpu', '--data-path', '/d', '--tensorboard', '--dry-run']
     code = cli.run_cli(launcher.launch_demo, demo_resnet.build_parser(), demo_resnet.trainer_args, demo_resnet.TRAINER,
-                       False, ['--world-size', '1', '--device', 'cpu', '--data-path', '/d', '--tensorboard', '--dry-run'])
+                       False, argv)
     assert code == 0 and capsys.readouterr().out.splitlines()[-1].endswith(' --seed=123 --tensorboard')
 
 
