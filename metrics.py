@@ -6,7 +6,8 @@ finished epoch. Field names are NVIDIA DeepLearningExamples' dllogger names (`tr
 `train.compute_ips`, `val.top1`, `val_ema.top1`, ...). Writers take only values the trainers already hold
 for their log lines, so writing costs no device sync. Each line goes to the file in one write() call, so a
 killed run keeps every line it wrote and never leaves half of one; a line that cannot be written (full disk)
-is taken back and the run trains on without its metrics, after one warning line.
+is taken back and the run trains on without its metrics, after one warning line. Reading (`read`, for
+plot_metrics.py) needs no torch.
 """
 import importlib
 import json
@@ -17,9 +18,6 @@ import subprocess
 import sys
 import time
 import weakref
-
-import torch
-import torchvision
 
 from cli import UsageError
 
@@ -95,7 +93,8 @@ def _plain(value):
 
 class MetricsFile(NoMetrics):
     """Appends records to `path` (created with its folder when missing) and, with `tensorboard_dir`, adds the
-    numeric fields as TensorBoard scalars (tag `train/loss` for `train.loss`; global step: images trained)."""
+    numeric fields as TensorBoard scalars (tag `train/loss` for `train.loss`, `epoch/total_ips` for an epoch
+    record's `train.total_ips`; global step: images trained)."""
 
     def __init__(self, path, tensorboard_dir=None):
         self.path = path
@@ -129,6 +128,8 @@ class MetricsFile(NoMetrics):
         """The run's identity: command line, parsed arguments (`args`: a plain dict, checkpoints.plain_args),
         recipe, code and library versions, device, ranks and batch; for a resume (`resume`: the checkpoint's
         path), the epoch and step it continues at (`resume_position`: samples of that epoch trained)."""
+        import torch
+        import torchvision
         self.world_size, self.global_batch = world_size, world_size * batch_size
         self.steps_per_epoch = steps_per_epoch
         first_step = resume_position // self.global_batch
@@ -190,7 +191,8 @@ class MetricsFile(NoMetrics):
         if self.tensorboard is not None and global_step is not None:
             for key, value in record.items():
                 if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tag = key.replace('.', '/') if '.' in key else f"{record['type']}/{key}"  # epoch/epoch_time
+                    tag = (f"epoch/{key.rpartition('.')[2]}" if record['type'] == 'epoch'  # not in train/'s curves
+                           else key.replace('.', '/'))
                     self.tensorboard.add_scalar(tag, value, global_step)
             self.tensorboard.flush()
 

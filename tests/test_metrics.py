@@ -162,7 +162,7 @@ def test_tensorboard_events_read_back_with_the_jsonl_tags(train_run):
     events.Reload()
     tags = set(events.Tags()['scalars'])
     assert {'train/loss', 'train/top1', 'train/lr', 'train/compute_ips', 'train/data_time', 'val/top1', 'val/loss',
-            'train/images', 'train/time', 'epoch/epoch_time'} <= tags
+            'epoch/images', 'epoch/time', 'epoch/total_ips', 'epoch/epoch_time'} <= tags
     jsonl = records(train_run, 'train')
     loss = events.Scalars('train/loss')
     assert [e.step for e in loss] == [8, 24, 40, 56]  # images trained: (epoch x 4 + step + 1) x 8
