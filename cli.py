@@ -118,6 +118,13 @@ def add_compile_arg(parser):
                              'first step of each batch shape compiles and is left out of img/s')
 
 
+def add_tensorboard_arg(parser):
+    """Added, both trainers: the metrics file's scalars also as TensorBoard events (README, Metrics file)."""
+    parser.add_argument('--tensorboard', action='store_true',
+                        help='also write the metrics as TensorBoard scalars into <output-dir>/tensorboard '
+                             '(needs the tensorboard package)')
+
+
 def compatibility_group(parser):
     """The group of flags the originals take that these scripts accept, so their command lines run unchanged,
     and ignore (each help says why)."""

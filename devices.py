@@ -7,6 +7,7 @@ imported only when `--device hpu` is asked for, so the trainers run on machines 
 import contextlib
 import inspect
 import os
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -76,6 +77,17 @@ class CPUDevice:
     def collective_device(self):
         """Where tensors for all_reduce of metrics must live for this device's backend."""
         return self.torch_device
+
+    def name(self):
+        """What runs the steps, in words, for the metrics file: the CPU model here."""
+        try:
+            with open('/proc/cpuinfo') as f:
+                for line in f:
+                    if line.startswith('model name'):
+                        return line.split(':', 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or 'cpu'
 
     def _start_precision(self, hmp):
         """Return the context that applies --hmp around forward and loss (None without --hmp)."""
@@ -206,6 +218,9 @@ class CUDADevice(CPUDevice):
     def synchronize(self):
         torch.cuda.synchronize(self.index)
 
+    def name(self):
+        return torch.cuda.get_device_name(self.index)
+
     def init_distributed(self, local_rank):
         self.index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(self.index)
@@ -278,6 +293,9 @@ class HPUDevice(CPUDevice):
     @property
     def collective_device(self):
         return self.torch_device
+
+    def name(self):
+        return 'hpu'
 
     def init_distributed(self, local_rank):
         os.environ['ID'] = str(local_rank)

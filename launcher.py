@@ -347,7 +347,8 @@ def launch_demo(parser, trainer_args, trainer, print_namespace, argv):
     command = with_recipe(trainer_args(args, placement.process_per_node or None), parser, argv, args, world_size)
     if args.print_schedule:
         return print_schedule(trainer, command, world_size)
-    trainer_command = [sys.executable, os.path.join(HERE, trainer), *command, *dist_timeout_args(args.dist_timeout)]
+    trainer_command = [sys.executable, os.path.join(HERE, trainer), *command, *dist_timeout_args(args.dist_timeout),
+                       *switches(args, ('--tensorboard',))]
     launch = plan_launch(trainer_command, placement, host_topology(os.environ), os.environ)
     if launch.notice:
         print(launch.notice, file=sys.stderr, flush=True)
@@ -393,6 +394,9 @@ def add_launch_flags(parser, world_size, process_per_node, dist_flag, world_size
                         help='passed to the trainer: longest wait for the other ranks (trainer default: 600)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the command and exported variables, start nothing')
+    parser.add_argument('--tensorboard', action='store_true',
+                        help='passed to the trainer: also write the metrics as TensorBoard scalars into '
+                             '<output-dir>/tensorboard')
     parser.add_argument('--recipe', default=recipes.DEFAULT, metavar='NAME',
                         help='passed to the trainer: a named recipe whose values replace this script\'s defaults '
                              '(flags given here still win); "--recipe list" describes them')

@@ -21,6 +21,7 @@ import cli
 import devices
 import distributed
 import loaders
+import metrics
 import recipe_flags
 import stopping
 import training
@@ -87,20 +88,14 @@ class PrintWindow(utils.ThroughputWindow):
     with and without data loading. With --print-interval 1 these are exactly the original's figures."""
 
     def __init__(self):
-        self.steps = 0
         super().__init__(exclude_data_time=False)
 
-    def step_done(self, batch_size):
-        super().step_done(batch_size)
-        self.steps += 1
-
-    def close(self):
+    def times(self):
         """The window's figures; a new window starts."""
-        steps, data_time, images = max(self.steps, 1), self.data_time, self.images
-        compute_time = max(time.time() - self.start - data_time, 1e-9)
-        images_per_s = self.images_per_second()
-        self.steps = 0
-        return WindowTimes(compute_time / steps, data_time / steps, images_per_s, images / compute_time)
+        window = self.close()
+        compute_time = max(window.seconds - window.data_time, 1e-9)
+        return WindowTimes(compute_time / max(window.steps, 1), window.data_time_per_step, window.total_ips,
+                           window.compute_ips)
 
 
 def training_loss(criterion, output, target):
@@ -126,12 +121,13 @@ def update_accuracy(top1, top5, logits, target):
 
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
-          warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None, compiles=False):
+          warm_up=False, stop=None, first_step=0, extras=training.NO_EXTRAS, model_without_ddp=None, compiles=False,
+          metrics_file=metrics.NO_METRICS):
     """One epoch (from `first_step` after a mid-epoch stop), with a recipe's `extras` around each step
-    (training.StepExtras). `compiles`: the first step compiles the model (--compile; it falls in the warm-up
-    windows the averages leave out, and its time is printed). Returns (images trained, step to resume from when a
-    stop signal ended the epoch early, else None); a NaN or infinite loss raises stopping.NonFiniteLoss at the
-    next printed step."""
+    (training.StepExtras), each progress line's values going to `metrics_file` too. `compiles`: the first step
+    compiles the model (--compile; it falls in the warm-up windows the averages leave out, and its time is
+    printed). Returns (images trained, step to resume from when a stop signal ended the epoch early, else
+    None); a NaN or infinite loss raises stopping.NonFiniteLoss at the next printed step."""
     skip = WARM_UP_WINDOWS if warm_up else 0
     batch_time = AverageMeter('BatchTime', ':6.3f', skip)
     compute_rate = AverageMeter('imgs/s(Exc. DL)', ':6.3f', skip)
@@ -163,14 +159,18 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
         printed = (i - first_step) % print_interval == 0
         if printed:
             nonfinite.check(epoch)
-            losses.update(loss.item(), images.shape[0])
+            loss_value = loss.item()
+            losses.update(loss_value, images.shape[0])
             update_accuracy(top1, top5, main_logits(output), target)
-            times = window.close()
+            times = window.times()
             batch_time.update(times.batch_time)
             compute_rate.update(times.compute_images_per_s)
             rate.update(times.images_per_s)
             data_time.update(times.data_time)
             progress.display(i)
+            metrics_file.train_window(epoch, i, lr=lr, loss=loss_value, top1=top1.value, top5=top5.value,
+                                      total_ips=times.images_per_s, compute_ips=times.compute_images_per_s,
+                                      data_time=times.data_time)
         if stop is not None and stop.after_step(i):
             return window.total_images, i + 1
         if i + 1 >= num_train_steps:
@@ -179,10 +179,12 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
     return window.total_images, None
 
 
-def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None, label=''):
+def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None, label='', *,
+             epoch=None, metrics_file=metrics.NO_METRICS):
     """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed.
     None when a stop signal cut it short (each rank leaves its loop on its own). `label` names the model
-    in the lines ('EMA')."""
+    in the lines ('EMA'). The result goes to `metrics_file` as the evaluation after `epoch` (its loss: the
+    average over the printed batches of all ranks)."""
     batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
     rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', WARM_UP_WINDOWS)
     losses, top1, top5 = loss_and_accuracy_meters()
@@ -202,7 +204,7 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
             window.step_done(images.shape[0])
             if i % print_interval == 0:
                 losses.update(loss.item(), images.shape[0])
-                times = window.close()
+                times = window.times()
                 batch_time.update(times.batch_time)
                 rate.update(times.images_per_s)
                 progress.display(i)
@@ -213,11 +215,14 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
 
     top1.synchronize_between_processes(dev.collective_device)
     top5.synchronize_between_processes(dev.collective_device)
+    losses.synchronize_between_processes(dev.collective_device)
     if stop is not None and stop.signum:
         print(f'{progress.prefix}cut short by {stop.signal_name} after {top1.count} images')
         return None
     print(f'{progress.prefix}evaluated {top1.count} images')
     print(f' *{" " + label if label else ""} Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f}')
+    metrics_file.evaluation(epoch, loss=losses.global_avg, top1=top1.global_avg, top5=top5.global_avg,
+                            images=top1.count, ema=label == 'EMA')
     return top1.global_avg
 
 
@@ -313,6 +318,7 @@ def check_args(args):
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
     recipe_flags.check(args)
+    metrics.check_tensorboard(args.tensorboard, args.output_dir)
     if args.is_amp:
         raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
                          'mixed precision) on hpu, gpu and cpu')
@@ -357,10 +363,18 @@ def main(args):
         resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema)
         best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
+    metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
+    metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
+                        world_size=ranks.world_size, batch_size=args.batch_size,
+                        steps_per_epoch=min(len(train_loader), args.num_train_steps), start_epoch=args.start_epoch,
+                        resume=args.resume, resume_position=resumed.position, test_only=args.evaluate)
     if args.evaluate:
-        validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps)
+        evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
+        validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,
+                 epoch=evaluated, metrics_file=metrics_file)
         if ema is not None:
-            validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, label='EMA')
+            validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, label='EMA',
+                     epoch=evaluated, metrics_file=metrics_file)
         return
 
     epoch_time = AverageMeter('EpochTime', ':6.3f')
@@ -377,11 +391,13 @@ def main(args):
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed,
                                           augment=schedule.augments(epoch))
         print('training epoch ', epoch)
+        train_start = time.time()
         images, stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
                                    num_train_steps=args.num_train_steps, warm_up=epoch == args.start_epoch,
                                    stop=stop, first_step=first_step, extras=extras,
-                                   model_without_ddp=model_without_ddp,
+                                   model_without_ddp=model_without_ddp, metrics_file=metrics_file,
                                    compiles=args.compile and epoch == args.start_epoch)
+        train_time = time.time() - train_start
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
@@ -393,10 +409,12 @@ def main(args):
         if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
             print('validating epoch ', epoch)
             acc1 = validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,
-                            stop)
+                            stop, epoch=epoch, metrics_file=metrics_file)
             if ema is not None:
-                validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, stop, label='EMA')
+                validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, stop, label='EMA',
+                         epoch=epoch, metrics_file=metrics_file)
         epoch_time.update(time.time() - epoch_start)
+        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=epoch_time.value)
         epoch_start = time.time()
         ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
             epoch - args.start_epoch + 1)
@@ -471,6 +489,7 @@ def get_args_parser(add_help=True):
                         help='ranks, for --print-schedule and --recipe outside a launcher (a launcher\'s variables win)')
     cli.add_image_size_args(parser)
     cli.add_compile_arg(parser)
+    cli.add_tensorboard_arg(parser)
     cli.add_recipe_args(parser)
     ignored = cli.compatibility_group(parser)
     ignored.add_argument('--dataset-type', default='Imagenet', choices=['Imagenet'],

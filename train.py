@@ -7,6 +7,7 @@ what we add sits behind calls with plain names: the device layer (devices.py, th
 the mid-epoch resume (training.py). The deliberate changes are listed in the README.
 """
 import datetime
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import cli
 import devices
 import distributed
 import loaders
+import metrics
 import recipe_flags
 import stopping
 import training
@@ -28,11 +30,11 @@ from cli import UsageError
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
                     num_train_steps=sys.maxsize, stop=None, first_step=0, extras=training.NO_EXTRAS,
-                    model_without_ddp=None, compiles=False):
+                    model_without_ddp=None, compiles=False, metrics_file=metrics.NO_METRICS):
     """Train one epoch (from `first_step` when resuming mid-epoch), with a recipe's `extras` around each step
-    (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update). `compiles`: the
-    first step compiles the model (--compile, the run's first epoch): its line shows img/s nan and the next
-    window starts after it.
+    (training.StepExtras: mixup/cutmix, clipping, the per-iteration schedule, the EMA update), writing each
+    log line's values to `metrics_file` (metrics.MetricsFile) too. `compiles`: the first step compiles the
+    model (--compile, the run's first epoch): its line shows img/s nan and the next window starts after it.
 
     Returns (images trained, step to resume from when a stop signal ended the epoch early, else None).
     The meters are updated on logged steps only, where the step waits for the device anyway; a NaN or
@@ -64,11 +66,16 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
             nonfinite.check(epoch)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
             batch_size = throughput.images
-            metric_logger.update(loss=loss.item(), lr=lr)
-            metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
-            metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
-            rate = throughput.images_per_second()
-            metric_logger.meters['img/s'].update(float('nan') if compiling else rate)
+            loss_value, acc1, acc5 = loss.item(), acc1.item(), acc5.item()
+            metric_logger.update(loss=loss_value, lr=lr)
+            metric_logger.meters['acc1'].update(acc1, n=batch_size)
+            metric_logger.meters['acc5'].update(acc5, n=batch_size)
+            window = throughput.close()
+            compute_ips, total_ips = (math.nan, math.nan) if compiling else (window.compute_ips, window.total_ips)
+            metric_logger.meters['img/s'].update(compute_ips if dl_time_exclude else total_ips)
+            metrics_file.train_window(epoch, step, lr=lr, loss=loss_value, top1=acc1, top5=acc5,
+                                      total_ips=total_ips, compute_ips=compute_ips,
+                                      data_time=window.data_time_per_step)
         if compiling:
             print(f'--compile: step {step} compiled the model ({compile_seconds:.1f} s, data wait included); '
                   'img/s leaves it out')
@@ -78,10 +85,12 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
     return throughput.total_images, None
 
 
-def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None, log_suffix=''):
+def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None, log_suffix='',
+             *, epoch=None, metrics_file=metrics.NO_METRICS):
     """Top-1 accuracy over the validation set, or None when there was nothing to evaluate or a stop signal
     cut it short (each rank leaves its loop on its own: the only collective is the final sum). `log_suffix`
-    names the model in the lines, as torchvision's ('EMA')."""
+    names the model in the lines, as torchvision's ('EMA'). The result goes to `metrics_file` as the
+    evaluation after `epoch`."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     for name in ('loss', 'acc1', 'acc5'):  # every rank must all-reduce the same meters, even with no batch
@@ -112,6 +121,9 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
     print(f'{header} evaluated {metric_logger.acc1.count} images')
     summary = f'Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f}'
     print(f'{header} {summary}' if log_suffix else f' * {summary}')
+    metrics_file.evaluation(epoch, loss=metric_logger.loss.global_avg, top1=metric_logger.acc1.global_avg,
+                            top5=metric_logger.acc5.global_avg, images=metric_logger.acc1.count,
+                            ema=log_suffix == 'EMA')
     return metric_logger.acc1.global_avg
 
 
@@ -178,6 +190,7 @@ def check_args(args):
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
                          'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
     recipe_flags.check(args)
+    metrics.check_tensorboard(args.tensorboard, args.output_dir)
     lr_table = custom_lr_table(args.lr, args.custom_lr_values, args.custom_lr_milestones, args.epochs)
     if lr_table and args.lr_scheduler != 'steplr' or lr_table and args.lr_warmup_epochs:
         raise UsageError(f'--custom-lr-values is a schedule of its own; it cannot be combined with --lr-scheduler '
@@ -250,10 +263,18 @@ def main(args):
         resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'model', ema)
         args.start_epoch = resumed.start_epoch
 
+    metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
+    metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
+                        world_size=ranks.world_size, batch_size=args.batch_size,
+                        steps_per_epoch=min(len(data_loader), args.num_train_steps), start_epoch=args.start_epoch,
+                        resume=args.resume, resume_position=resumed.position, test_only=args.test_only)
     if args.test_only:
-        evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps)
+        evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
+        evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps,
+                 epoch=evaluated, metrics_file=metrics_file)
         if ema is not None:
-            evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, log_suffix='EMA')
+            evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, log_suffix='EMA',
+                     epoch=evaluated, metrics_file=metrics_file)
         return
 
     print('Start training')
@@ -266,6 +287,7 @@ def main(args):
     start_time = time.time()
     images_trained = 0
     for epoch in range(args.start_epoch, args.epochs):
+        epoch_start = time.time()
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size,
                                           args.seed if args.deterministic else None,
                                           augment=schedule.augments(epoch) if schedule else True)
@@ -274,7 +296,9 @@ def main(args):
                                              dl_time_exclude=args.dl_time_exclude,
                                              num_train_steps=args.num_train_steps, stop=stop, first_step=first_step,
                                              extras=extras, model_without_ddp=model_without_ddp,
+                                             metrics_file=metrics_file,
                                              compiles=args.compile and epoch == args.start_epoch)
+        train_time = time.time() - epoch_start
         images_trained += images
         position = training.unfinished_position(stopped_at, first_step, train_sampler, args.batch_size)
         if position is not None:
@@ -283,10 +307,12 @@ def main(args):
             schedule.after_epoch()
         distributed.broadcast_buffers(model_without_ddp)
         if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
-            evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop)
+            evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop,
+                     epoch=epoch, metrics_file=metrics_file)
             if ema is not None:
                 evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop,
-                         log_suffix='EMA')
+                         log_suffix='EMA', epoch=epoch, metrics_file=metrics_file)
+        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=time.time() - epoch_start)
         if args.save_checkpoint:
             save(None)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
@@ -358,7 +384,7 @@ def get_args_parser(add_help=True):
                         help='epochs at which each of --custom-lr-values starts, e.g. 0 30 60')
     parser.add_argument('--lr-gamma', default=0.1, type=float, help='decrease lr by a factor of lr-gamma')
     parser.add_argument('--print-freq', default=1, type=int, help='print frequency')
-    parser.add_argument('--output-dir', default='.', help='path where to save')
+    parser.add_argument('--output-dir', default='.', help='path where to save (checkpoints, metrics.jsonl)')
     parser.add_argument('--channels-last', default='True', type=bool_arg,
                         help='whether input is in channels last format (True/False)')
     parser.add_argument('--resume', default='', help='resume from checkpoint')
@@ -387,6 +413,7 @@ def get_args_parser(add_help=True):
     cli.add_hmp_args(parser, bf16_default='', fp32_default='')
     cli.add_image_size_args(parser)
     cli.add_compile_arg(parser)
+    cli.add_tensorboard_arg(parser)
     bench = parser.add_argument_group('benchmark modes (README, Synthetic data and benchmark modes)')
     bench.add_argument('--mode', default='training', choices=benchmark_modes.MODES,
                        help='training (the usual run), or measure img/s and latency: benchmark-training (training '

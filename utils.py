@@ -7,6 +7,7 @@ stop signals and the non-finite loss watch in stopping.py.
 import datetime
 import time
 from collections import defaultdict, deque
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -148,6 +149,29 @@ def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
+class Window(NamedTuple):
+    """One report window of ThroughputWindow: images and steps since the last report, the window's wall time
+    and the part of it spent waiting for data."""
+    images: int
+    steps: int
+    seconds: float
+    data_time: float
+
+    @property
+    def total_ips(self):
+        """Images per second, data time included."""
+        return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def compute_ips(self):
+        """Images per second, data time left out."""
+        return self.images / max(self.seconds - self.data_time, 1e-9)
+
+    @property
+    def data_time_per_step(self):
+        return self.data_time / max(self.steps, 1)
+
+
 class ThroughputWindow:
     """Images per second over the steps since the last report.
 
@@ -164,19 +188,25 @@ class ThroughputWindow:
         self.start = self.step_end = now
         self.data_time = 0.0
         self.images = 0
+        self.steps = 0
 
     def data_ready(self):
         self.data_time += time.time() - self.step_end
 
     def step_done(self, batch_size):
         self.images += batch_size
+        self.steps += 1
         self.total_images += batch_size
         self.step_end = time.time()
 
+    def close(self):
+        """The window's figures (Window), with and without data time; a new window starts."""
+        now = time.time()
+        window = Window(self.images, self.steps, now - self.start, self.data_time)
+        self._reset(now)
+        return window
+
     def images_per_second(self):
         """Report the window's rate and start a new window."""
-        now = time.time()
-        busy = now - self.start - (self.data_time if self.exclude_data_time else 0.0)
-        rate = self.images / max(busy, 1e-9)
-        self._reset(now)
-        return rate
+        window = self.close()
+        return window.compute_ips if self.exclude_data_time else window.total_ips

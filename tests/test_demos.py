@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, TINY_IMAGES, run_script, script_env
 import cli
 import launcher
+import metrics
 
 PY = sys.executable
 DATA = '/root/software/data/pytorch/imagenet/ILSVRC2012'
@@ -338,9 +339,13 @@ def test_demo_resnet_trains_on_two_ranks_through_mpirun(jpeg_dataset, tmp_path):
     needs_two_cores()
     result = run_demo_elsewhere(tmp_path, 'demo_resnet.py', '--world-size', '2', '--model', 'resnet18',
                                 '--dl-worker-type', 'MP', '--data-path', jpeg_dataset, '--custom-lr-values', '0.2,0.02',
-                                '--custom-lr-milestones', '0,1', '--deterministic', *QUICK_CPU_RUN)
+                                '--custom-lr-milestones', '0,1', '--deterministic', '--tensorboard', *QUICK_CPU_RUN)
     assert_trained_on_two_ranks(result)
     assert 'world_size=2' in result.stdout and 'lr: 0.2 ' in result.stdout  # the custom schedule reached train.py
+    records = metrics.read(str(tmp_path))  # --output-dir . of the demo: rank 0 alone wrote it
+    assert [r['type'] for r in records] == ['header', 'train', 'train', 'val', 'epoch']
+    assert (records[0]['world_size'], records[0]['global_batch'], records[-1]['train.images']) == (2, 8, 16)
+    assert len(os.listdir(tmp_path / 'tensorboard')) == 1  # --tensorboard reached train.py: one event file
 
 
 @pytest.mark.slow

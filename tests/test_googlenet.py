@@ -15,6 +15,7 @@ from conftest import REPO, HPUDeviceOnCPU, run_script
 
 import devices
 import main
+import metrics
 
 # 15 px is GoogLeNet's smallest input (main.GOOGLENET_MIN_INPUT); 16 keeps CPU steps cheapest.
 GOOGLENET_TINY = ['--train-crop-size', '16', '--val-resize-size', '18', '--val-crop-size', '16']
@@ -133,7 +134,8 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
                      '--lr-step-size', '1').stdout
     accuracies = epoch_accuracies(first)
     assert len(accuracies) == 3
-    assert {p.name for p in tmp_path.iterdir()} - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar'}
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar', 'metrics.jsonl'}
     checkpoint = load(tmp_path / 'checkpoint_1_cpu.pth.tar')
     assert set(checkpoint) == {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler', 'schedule',
                                'args', 'format_version', 'model_name', 'num_classes', 'classes'}
@@ -149,7 +151,7 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     best_run = tmp_path / 'best'
     run_main(jpeg_dataset, tmp_path, '--epochs', '3', '--save-checkpoint', '1', '--resume', str(beatable),
              '--output-dir', str(best_run))
-    assert {p.name for p in best_run.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'model_best2.pth.tar'}
+    assert {p.name for p in best_run.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'model_best2.pth.tar', 'metrics.jsonl'}
     saved, best = load(best_run / 'checkpoint_2_cpu.pth.tar'), load(best_run / 'model_best2.pth.tar')
     assert best['epoch'] == 2 and best['best_acc1'] == saved['best_acc1'] >= 0.0
     assert all(torch.equal(best['state_dict'][k], v) for k, v in saved['state_dict'].items())
@@ -164,7 +166,7 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert f"=> loaded checkpoint '{resumable}' (epoch 1)" in second
     assert 'training epoch  2' in second and 'training epoch  1' not in second
     assert re.search(r'^END OF EPOCH \[2\]:\[1/1\]\tEpochTime ', second, flags=re.M)
-    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar'}
+    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'metrics.jsonl'}
     resumed = load(out / 'checkpoint_2_cpu.pth.tar')
     assert resumed['best_acc1'] == 100.0
     # The step schedule went on from the checkpoint: three decays of 0.1 after epochs 0, 1 and 2.
@@ -177,7 +179,10 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert 'training epoch' not in evaluated and 'MODEL EVAL' in evaluated
     assert f'Test: evaluated {VAL_IMAGES} images' in evaluated
     assert epoch_accuracies(evaluated) == epoch_accuracies(second)
-    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar'}
+    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'metrics.jsonl'}  # --evaluate: records only
+    evaluation = metrics.read(str(out))[-2:]
+    assert [r['type'] for r in evaluation] == ['header', 'val'] and evaluation[0]['mode'] == 'test-only'
+    assert evaluation[1]['val.top1'] == pytest.approx(epoch_accuracies(second)[-1], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -225,7 +230,7 @@ def test_progress_lines_every_step_with_warm_up_left_out_of_the_averages(jpeg_da
     assert re.search(rf'^Test: evaluated {VAL_IMAGES} images\n \* Acc@1 \d+\.\d{{3}} Acc@5 \d+\.\d{{3}}$',
                      log, flags=re.M)
     assert re.search(rf'^END OF EPOCH \[0\]:\[1/1\]\tEpochTime {NUM} \({NUM}\)$', log, flags=re.M)
-    assert not list(tmp_path.iterdir())  # --save-checkpoint 0 saves nothing
+    assert [p.name for p in tmp_path.iterdir()] == ['metrics.jsonl']  # --save-checkpoint 0 saves nothing
 
 
 @pytest.mark.slow

@@ -214,7 +214,7 @@ def test_a_disk_that_fills_up_mid_run_ends_the_run_at_once_keeping_the_previous_
     assert result.stderr.strip() == (f'error: could not save {disk}/model_1.pth: [Errno 28] No space left on device '
                                      '(ENOSPC); the previous checkpoint is unchanged')
     assert 'Epoch: [2]' not in result.stdout  # stopped at once
-    assert sorted(os.listdir(disk)) == ['checkpoint.pth', 'model_0.pth']  # no temp file, no lock file
+    assert sorted(os.listdir(disk)) == ['checkpoint.pth', 'metrics.jsonl', 'model_0.pth']  # no temp file, no lock
     checkpoint = torch.load(disk / 'checkpoint.pth', weights_only=True)
     assert checkpoint['epoch'] == 0 and sha1(disk / 'checkpoint.pth') == sha1(disk / 'model_0.pth')
 
@@ -240,7 +240,7 @@ def test_a_failed_save_on_rank_0_ends_a_two_rank_job(jpeg_dataset, tmpfs, launch
     assert all(line.startswith('error: another rank ended') for line in errors[1:]), errors  # rank 1, if in time
     assert 'Traceback' not in result.stderr
     assert 'Epoch: [1]' not in result.stdout and time.time() - started < 200
-    assert os.listdir(disk) == []
+    assert os.listdir(disk) == ['metrics.jsonl']  # rank 0's records up to the failed save
 
 
 # --- item 13: checkpoints written by the originals -----------------------------------------------------

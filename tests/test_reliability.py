@@ -158,13 +158,15 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, jpeg_dataset, out
 @pytest.mark.parametrize('case', list(BAD_DATA))
 def test_bad_data_is_one_clear_line_through_loader_workers_and_changes_nothing(case, jpeg_dataset, output_dir, tmp_path):
     make_args, message = BAD_DATA[case]
-    before = snapshot(output_dir)
+    before, records = snapshot(output_dir), (output_dir / 'metrics.jsonl').read_bytes()
     args = ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(output_dir), *QUICK, '--epochs', '2',
             '--print-freq', '2']
     result = run_script(args + make_args(jpeg_dataset, tmp_path), timeout=120)
     assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
     assert_one_error_line(result.stderr, message)
-    assert snapshot(output_dir) == before
+    after = snapshot(output_dir)
+    assert after.pop('metrics.jsonl') and before.pop('metrics.jsonl') and after == before
+    assert (output_dir / 'metrics.jsonl').read_bytes().startswith(records)  # the failed run's records only appended
 
 
 @pytest.mark.slow
@@ -214,7 +216,7 @@ def test_nan_loss_stops_naming_the_first_bad_epoch_step_and_lr_and_keeps_the_las
     assert re.search(r'^error: non-finite loss at epoch 1, step \d+ \(lr 1000000000000\.0\); stopped without saving',
                      result.stderr, flags=re.M), result.stderr[-1500:]
     assert 'Traceback' not in result.stderr
-    assert sorted(os.listdir(out)) == ['checkpoint.pth', 'model_0.pth']
+    assert sorted(os.listdir(out)) == ['checkpoint.pth', 'metrics.jsonl', 'model_0.pth']
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
 
 
@@ -328,4 +330,4 @@ def test_googlenet_trainer_stops_on_a_nan_loss(jpeg_dataset, tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert re.search(r'^error: non-finite loss at epoch 0, step \d+ \(lr 1000000000000\.0\)', result.stderr,
                      flags=re.M), result.stderr[-1500:]
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ['metrics.jsonl']  # the records up to the stop, no checkpoint

@@ -113,7 +113,7 @@ def test_dataset_class_count_sets_the_head_and_few_classes_do_not_break_top5(fre
 @pytest.mark.slow
 def test_checkpoints_are_written_and_load_into_torchvision(jpeg_dataset, tmp_path):
     run_train(jpeg_dataset, tmp_path, '--epochs', '2', '--num-train-steps', '2', '--save-checkpoint')
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'model_0.pth', 'model_1.pth']
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'metrics.jsonl', 'model_0.pth', 'model_1.pth']
     checkpoint = load(tmp_path / 'checkpoint.pth')
     assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'} <= set(checkpoint)
     assert checkpoint['epoch'] == 1 and checkpoint['model_name'] == 'resnet18'
