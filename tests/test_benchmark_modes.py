@@ -118,6 +118,7 @@ def test_main_py_trains_and_validates_googlenet_on_synthetic_data(tmp_path, caps
     assert 'Test: evaluated 4 images' in log  # validation bounded by --num-train-steps, as the original
 
 
+@pytest.mark.slow  # torch.compile: 7 s
 def test_compiled_run_saves_plain_keys_leaves_the_compiling_step_out_of_img_s_and_resumes(tmp_path, capsys,
                                                                                            monkeypatch, request):
     # torch.compile's aot_eager backend: the same wrapper (OptimizedModule, `_orig_mod`), dynamo's tracing and

@@ -145,6 +145,7 @@ def test_fallback_box_is_torchvisions_centre_crop():
 
 # --- determinism -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # loader workers
 def test_augmentation_depends_on_seed_epoch_and_index_only(jpeg_dataset):
     results = {}
     for workers in (0, 2):
@@ -284,13 +285,18 @@ def damage(root, how):
 
 
 @pytest.mark.parametrize('how', ['truncated', 'text'])
-@pytest.mark.parametrize('workers', [0, 1])
+@pytest.mark.parametrize('workers', [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a loader worker process
 def test_unreadable_file_raises_an_error_naming_it(fresh_dataset, how, workers):
     root = fresh_dataset(classes=2, train_per_class=2, val_per_class=2)
     path = damage(root, how)
     _, val_loader, _ = loaders(root, batch_size=4, workers=workers)
+    batches = iter(val_loader)
     with pytest.raises(fast_jpeg.ImageDecodeError, match=re.escape(path)):
-        list(val_loader)
+        list(batches)
+    # A trainer ends here, and its exit hook kills the workers (cli.end_loader_workers); this test process lives
+    # on, and torch's clean-up of a loader left by an error waits 10 s for a worker that ignores SIGTERM.
+    for worker in getattr(batches, '_workers', []):
+        worker.kill()
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------

@@ -381,6 +381,7 @@ def as_pixels(normalised):
     return (normalised * std * 255 + mean * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+@pytest.mark.slow  # loader workers
 @pytest.mark.parametrize('kind', ['MP', 'FAST'])
 def test_plain_crop_epochs_turn_off_scale_and_aspect_augmentation(jpeg_dataset, kind):
     """With 2 persistent loader workers, started in the plain epoch: the next epoch augments again."""

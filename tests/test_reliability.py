@@ -36,9 +36,8 @@ def snapshot(folder):
 def finished_run(tmp_path_factory, jpeg_dataset):
     """An output folder that holds a run's checkpoint and a user's file."""
     out = tmp_path_factory.mktemp('finished') / 'out'
-    result = run_script(['train.py', '--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--epochs', '1',
-                         '--num-train-steps', '1', '--num-eval-steps', '1', '--save-checkpoint'])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert run_in_process(train, ['--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--epochs', '1',
+                                  '--num-train-steps', '1', '--num-eval-steps', '1', '--save-checkpoint']) == 0
     (out / 'notes.txt').write_text('keep me')
     return out
 
