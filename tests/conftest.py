@@ -120,6 +120,25 @@ def read_until(proc, pattern, timeout=240):
     raise AssertionError(f'process ended before {pattern}:\n' + ''.join(seen[-40:]))
 
 
+def descends_from(pid, ancestor):
+    """Whether process `pid` is a child, grandchild, ... of `ancestor` (through /proc)."""
+    while pid > 1:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                pid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def job_processes(root_pid):
+    """`root_pid` and every process below it: what a scheduler's cgroup holds (mpirun, ranks, forkservers, loader
+    workers)."""
+    return [root_pid] + [int(pid) for pid in filter(str.isdigit, os.listdir('/proc')) if descends_from(int(pid), root_pid)]
+
+
 def run_in_process(script_module, argv):
     """`python <script> argv` run inside the test process, as its `__main__` block runs it (argument
     parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.

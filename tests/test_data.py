@@ -145,6 +145,9 @@ CHANGES = {
     'file removed': (lambda root: os.remove(os.path.join(root, 'train', 'class_01', 'train_01_00001.JPEG')),
                      "class folder 'class_01' changed"),
     'file renamed': (rename_a_file, "class folder 'class_01' changed"),
+    'file added': (lambda root: shutil.copy(os.path.join(root, 'train', 'class_00', 'train_00_00000.JPEG'),
+                                            os.path.join(root, 'train', 'class_01', 'added.JPEG')),
+                   "class folder 'class_01' changed"),
 }
 
 

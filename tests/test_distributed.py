@@ -305,12 +305,12 @@ def without_master_port():
 @pytest.mark.mpi
 def test_two_mpirun_jobs_on_one_machine_without_master_port_both_finish(jpeg_dataset, tmp_path):
     env, prefix = without_master_port()
-    # The shortest run that meets (workers 0: the point is the port, not the loader)
-    quick = [*FAULT_RUN, *TINY_IMAGES, '--dl-worker-type', 'MP', '--workers', '0', '--epochs', '1',
-             '--num-train-steps', '1', '--num-eval-steps', '0']
-    jobs = [subprocess.Popen(prefix + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / name),
-                                       *quick], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True) for name in ('a', 'b')]
+    # A short run that meets, under real settings: loader workers, one job on each loader
+    quick = [*FAULT_RUN, *TINY_IMAGES, '--workers', '2', '--print-freq', '2', '--epochs', '1',
+             '--num-train-steps', '2', '--num-eval-steps', '0']
+    jobs = [subprocess.Popen(prefix + ['train.py', '--data-path', jpeg_dataset, '--output-dir', str(tmp_path / loader),
+                                       *quick, '--dl-worker-type', loader], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True) for loader in ('MP', 'FAST')]
     results = [job.communicate(timeout=240) for job in jobs]
     ports = set()
     for job, (out, err) in zip(jobs, results):

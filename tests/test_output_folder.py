@@ -92,11 +92,12 @@ def test_a_file_in_the_way_of_output_dir_is_refused_before_any_work(trainer, whe
     assert (tmp_path / 'results').read_text() == 'a file'
 
 
-def test_a_read_only_output_dir_is_refused_before_any_work(tmpfs, tmp_path):
+@pytest.mark.parametrize('trainer', [train, main])
+def test_a_read_only_output_dir_is_refused_before_any_work(trainer, tmpfs, tmp_path):
     read_only = tmpfs('ro', 'ro,size=1m')
     with pytest.raises(UsageError, match=rf"^--output-dir: cannot write to '{read_only}': \[Errno 30\] Read-only "
                                          r'file system \(EROFS\); use a writable --output-dir$'):
-        run_in_process(train, ['--data-path', str(tmp_path / 'no-data'), '--output-dir', str(read_only), *QUICK[:2]])
+        run_in_process(trainer, ['--data-path', str(tmp_path / 'no-data'), '--output-dir', str(read_only), *QUICK[:2]])
 
 
 @pytest.mark.parametrize('trainer', [train, main])

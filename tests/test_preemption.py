@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_IMAGES, mpirun_prefix, read_until, run_script, script_env, start_process
+from conftest import REPO, TINY_IMAGES, job_processes, mpirun_prefix, read_until, run_script, script_env, start_process
 
 import cli
 import samplers
@@ -294,3 +294,30 @@ def test_sigterm_to_plain_mpirun_with_a_kill_grace_saves_and_the_resume_on_one_r
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert (f'Resuming epoch {epoch} at step' in resumed.stdout) == mid_epoch, resumed.stdout[-2000:]
     assert re.search(rf'^Epoch: \[{epoch + 1}\]  \[0/6\]', resumed.stdout, flags=re.M), resumed.stdout[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_sigterm_to_every_process_of_a_demo_wrapper_job_at_once_saves(jpeg_dataset, tmp_path):
+    """As SLURM's scancel or a cgroup kill: the wrapper, mpirun, both ranks, their forkservers and loader workers get
+    SIGTERM together. The ranks save on their own SIGTERM; mpirun's kill sequence (SIGCONT, SIGTERM, SIGKILL, the
+    wrapper's 5 s apart) leaves them the time; the loader workers ignore it."""
+    out = tmp_path / 'out'
+    proc = start_process(['demo_resnet.py', '--world-size', '2', '--device', 'cpu', '--model', 'resnet18',
+                          '--batch-size', '4', '--workers', '2', '--print-freq', '2', '--dl-worker-type', 'MP',
+                          '--epochs', '20', '--num-eval-steps', '1', '--data-path', jpeg_dataset,
+                          '--output-dir', str(out)])
+    read_until(proc, r'^Epoch: \[1\]  \[2/6\]')
+    everyone = job_processes(proc.pid)
+    assert len(everyone) >= 1 + 1 + 2 * (1 + 2), everyone  # wrapper, mpirun, 2 x (rank, 2 workers) at least
+    for pid in everyone:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    log = finish(proc)
+    assert_clean(log)
+    stopped = re.search(r'Stopped by SIG(TERM|USR1): saved epoch (\d+) (after step \d+|\(complete\))', log)
+    assert stopped, log[-3000:]
+    saved = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
+    assert saved['epoch'] == int(stopped.group(2))

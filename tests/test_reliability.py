@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, script_env,
-                      start_process)
+from conftest import (REPO, TINY_IMAGES, descends_from, mpirun_prefix, read_until, run_in_process, run_script,
+                      script_env, start_process)
 
 import train
 
@@ -232,21 +232,9 @@ def rank_pids(launcher_pid):
             continue
         is_trainer = cmdline.split(b'\0')[1:2] == [os.path.join(REPO, 'train.py').encode()] or \
             cmdline.split(b'\0')[1:2] == [b'train.py']  # not a loader worker or the forkserver
-        if b'OMPI_COMM_WORLD_RANK' in env and is_trainer and _descends_from(int(pid), launcher_pid):
+        if b'OMPI_COMM_WORLD_RANK' in env and is_trainer and descends_from(int(pid), launcher_pid):
             ranks[int(env[b'OMPI_COMM_WORLD_RANK'])] = int(pid)
     return ranks
-
-
-def _descends_from(pid, ancestor):
-    while pid > 1:
-        try:
-            with open(f'/proc/{pid}/stat') as f:
-                pid = int(f.read().rsplit(')', 1)[1].split()[1])
-        except (OSError, ValueError):
-            return False
-        if pid == ancestor:
-            return True
-    return False
 
 
 TWO_RANKS = {
@@ -270,12 +258,15 @@ def test_killing_one_rank_ends_the_whole_job_quickly(jpeg_dataset, tmp_path, lau
     os.kill(ranks[1], signal.SIGKILL)
     killed = time.time()
     try:
-        proc.communicate(timeout=60)
+        log = proc.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail('the job was still running 60 s after one rank died')
     print(f"job ended {time.time() - killed:.1f} s after the kill")
     assert proc.returncode != 0 and time.time() - killed < 60
+    assert 'Traceback' not in log, log[-3000:]
+    assert len(re.findall(r'^error: another rank ended \(.+\), so this rank stops too', log, flags=re.M)) == 1, \
+        log[-3000:]
 
 
 @pytest.mark.parametrize('change, message', [
