@@ -26,6 +26,11 @@ PANELS = (  # (title, y label, [(field, line style, legend suffix)])
 )
 
 
+def spans_decades(ax, decades=3):
+    values = [y for line in ax.lines for y in line.get_ydata() if y is not None and y > 0]
+    return bool(values) and max(values) / min(values) > 10 ** decades
+
+
 def last_run(records):
     """The records from the last start of training without --resume (resumes and --test-only runs after it
     belong to it); the whole file when it has none."""
@@ -96,6 +101,8 @@ def plot(paths, output):
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize='small')
+            if title in ('loss', 'learning rate') and spans_decades(ax):
+                ax.set_yscale('log')  # a diverged validation loss or a decayed LR would flatten the rest
     figure.tight_layout()
     try:
         figure.savefig(output, dpi=100)

@@ -321,3 +321,15 @@ def test_a_stopped_and_resumed_run_appends_a_header_and_goes_on_with_its_epochs(
     assert [r for r in rest if r['type'] == 'epoch'][1]['train.images'] == 48
     commit = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
     assert header['git_commit'] == (commit or None) and found[0]['command'][0].endswith('train.py')
+
+
+def test_loss_and_lr_panels_turn_logarithmic_when_their_values_span_three_decades():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, ax = plt.subplots()
+    ax.plot([0, 1, 2], [2.3, 1.9, 1.5])
+    assert not plot_metrics.spans_decades(ax)
+    ax.plot([1, 2], [1.1e8, 0.9])  # a diverged validation loss
+    assert plot_metrics.spans_decades(ax)
+    plt.close(figure)
