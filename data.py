@@ -8,6 +8,7 @@ import hashlib
 import multiprocessing.resource_tracker
 import os
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -209,6 +210,24 @@ def scan(root, labels_from=None, show_progress=True):
     return dict(classes=classes, class_to_idx=class_to_idx, folders=folders, samples=samples)
 
 
+def class_images(root, name, label, extensions=torchvision.datasets.folder.IMG_EXTENSIONS):
+    """(path, label) of the images under root/name, in torchvision make_dataset's order (its walk follows folder
+    links too), except that a link back to a folder it is inside is not entered: torchvision followed such a loop
+    about 40 levels deep (until ELOOP) and listed every image below it again at each level. Says so in a note."""
+    walked = []
+    for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
+        here = os.path.realpath(folder)
+        for sub in list(subfolders):
+            target = os.path.realpath(os.path.join(folder, sub))
+            if here == target or here.startswith(target + os.sep):
+                subfolders.remove(sub)  # os.walk descends only into what is left (top-down)
+                print(f"note: '{os.path.join(folder, sub)}' links back to '{target}', a folder it is in; not read "
+                      'again', file=sys.stderr)
+        walked.append((folder, files))
+    return [(os.path.join(folder, file), label) for folder, files in sorted(walked) for file in sorted(files)
+            if torchvision.datasets.folder.has_file_allowed_extension(file, extensions)]
+
+
 def list_images(root, folders, class_to_idx, show_progress=True):
     """(path, label) of every image under root's class `folders`, in torchvision make_dataset's order, one
     class folder at a time so that the scan can show its progress; an empty class folder is an error."""
@@ -217,10 +236,10 @@ def list_images(root, folders, class_to_idx, show_progress=True):
     with progress.Progress(f'Scanning {root}', total=len(folders), unit='class folders',
                            enabled=show_progress) as shown:
         for done, name in enumerate(sorted(folders), start=1):
-            try:
-                samples += torchvision.datasets.folder.make_dataset(root, {name: class_to_idx[name]}, extensions)
-            except FileNotFoundError:  # no image in it
+            found = class_images(root, name, class_to_idx[name], extensions)
+            if not found:
                 empty.append(name)
+            samples += found
             shown.update(done, f'{len(samples):,} images')
     if empty:  # torchvision's message, for all of them at once
         raise UsageError(f"--data-path: Found no valid file for the classes {', '.join(empty)}. Supported "

@@ -118,11 +118,8 @@ def list_inputs(inputs, classes):
         unknown = [name for name in subfolders if name not in class_to_idx]
         for name in subfolders:
             label = class_to_idx.get(name, -1)
-            try:
-                listed = torchvision.datasets.folder.make_dataset(path, {name: label}, extensions)
-            except FileNotFoundError:  # no image in it
-                continue
-            found += [Item(image, label, path if label >= 0 else None) for image, _ in listed]
+            found += [Item(image, label, path if label >= 0 else None)
+                      for image, _ in data.class_images(path, name, label, extensions)]
         if unknown:
             shown = ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else '')
             note(f"{len(unknown)} sub-folder(s) of '{path}' are not classes of the checkpoint ({shown}): their "

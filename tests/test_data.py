@@ -295,3 +295,19 @@ def test_huge_image_stops_either_loader_with_the_same_line_and_exit_2(fresh_data
     errors = [line for line in result.stderr.splitlines() if 'error:' in line]
     assert errors == [f"error: --data-path: image '{huge}' is 14000x14000 (196,000,000 pixels), more than the limit "
                       f"of 89,478,485 pixels; shrink or remove it"], result.stderr[-1500:]
+
+
+def test_the_scan_lists_what_torchvision_lists_and_reads_a_folder_link_loop_once(fresh_dataset, capsys):
+    import torchvision
+    root = fresh_dataset(classes=2, train_per_class=3, val_per_class=1)
+    train_dir = os.path.join(root, 'train')
+    nested = os.path.join(train_dir, 'class_00', 'deeper')
+    os.makedirs(nested)
+    shutil.copy(os.path.join(train_dir, 'class_00', 'train_00_00000.JPEG'), os.path.join(nested, 'a.JPEG'))
+    os.symlink(os.path.join(train_dir, 'class_01'), os.path.join(train_dir, 'class_00', 'linked'))  # not a loop
+    expected = torchvision.datasets.ImageFolder(train_dir).samples
+    assert data.scan(train_dir, show_progress=False)['samples'] == expected and len(expected) == 3 + 1 + 3 + 3
+
+    os.symlink('..', os.path.join(nested, 'loop'))  # deeper/loop -> class_00: torchvision lists it ~40 times over
+    assert data.scan(train_dir, show_progress=False)['samples'] == expected
+    assert capsys.readouterr().err.count("links back to '") == 1
