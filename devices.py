@@ -7,7 +7,6 @@ imported only when `--device hpu` is asked for, so the trainers run on machines 
 import contextlib
 import inspect
 import os
-import platform
 import sys
 from dataclasses import dataclass
 
@@ -80,14 +79,8 @@ class CPUDevice:
 
     def name(self):
         """What runs the steps, in words, for the metrics file: the CPU model here."""
-        try:
-            with open('/proc/cpuinfo') as f:
-                for line in f:
-                    if line.startswith('model name'):
-                        return line.split(':', 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or 'cpu'
+        import mixed_precision
+        return mixed_precision.cpu_model()
 
     def _start_precision(self, hmp):
         """Return the context that applies --hmp around forward and loss (None without --hmp)."""

@@ -108,6 +108,18 @@ def cpu_flags(cpuinfo_path='/proc/cpuinfo'):
     return None
 
 
+def cpu_model(cpuinfo_path='/proc/cpuinfo'):
+    """The CPU's model name ('model name' in /proc/cpuinfo), else what platform knows."""
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown CPU'
+
+
 def cpu_family(machine=None):
     machine = (machine or platform.machine()).lower()
     if machine in ('x86_64', 'amd64', 'i386', 'i686'):
