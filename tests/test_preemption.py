@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import REPO, TINY_IMAGES, job_processes, mpirun_prefix, read_until, run_script, script_env, start_process
 
@@ -261,6 +262,7 @@ def test_sigusr1_to_plain_mpirun_saves_and_a_resume_with_other_settings_trains_t
     assert_clean(log)
     stopped = STOPPED.search(log)
     assert stopped and stopped.group(1) == 'SIGUSR1' and stopped.group(2) == '0', log[-3000:]
+    assert int(stopped.group(3)) - int(stopped.group(5)) <= 1  # within two steps of the signal, print-freq 5
     position = int(stopped.group(4))
 
     resumed = run_script(mpirun_prefix(2) + args + ['--epochs', '3', '--batch-size', '3', '--resume', stopped.group(6)])
@@ -321,3 +323,35 @@ def test_sigterm_to_every_process_of_a_demo_wrapper_job_at_once_saves(jpeg_datas
     assert stopped, log[-3000:]
     saved = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
     assert saved['epoch'] == int(stopped.group(2))
+
+
+class RecordingCollectives:
+    """torch.distributed as GracefulStop uses it, recording each all-reduce and each wait."""
+
+    def __init__(self):
+        self.calls = []
+        self.ReduceOp = dist.ReduceOp
+
+    def new_group(self, backend, timeout):
+        return 'stop-flag group'
+
+    def all_reduce(self, flag, op, group, async_op=False):
+        self.calls.append(('all_reduce', async_op))
+        calls = self.calls
+
+        class Work:
+            def wait(self):
+                calls.append(('wait', None))
+        return Work()
+
+
+def test_ranks_agree_on_a_stop_without_a_blocking_collective_per_step(monkeypatch, stop_handlers):
+    """Each step starts a non-blocking all-reduce of the stop flag and waits for the previous step's, which had a
+    whole step to arrive: no step waits for the collective it started, and only the epoch's end blocks."""
+    fake = RecordingCollectives()
+    monkeypatch.setattr(stopping, 'dist', fake)
+    stop = stopping.GracefulStop(distributed=True, timeout_s=10)
+    assert stop.after_step(0) is False and fake.calls == [('all_reduce', True)]
+    assert stop.after_step(1) is False and fake.calls[1:] == [('wait', None), ('all_reduce', True)]
+    stop.at_epoch_end()
+    assert fake.calls[3:] == [('wait', None), ('all_reduce', False)]  # where the loop waits anyway
