@@ -1,4 +1,7 @@
 """Our model/ is interchangeable with torchvision.models: same keys, shapes, init and outputs."""
+import copy
+import functools
+
 import pytest
 import torch
 import torchvision
@@ -14,10 +17,23 @@ CASES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def built(name):
+    """(ours, torchvision's) of one model, each built once for the module: building the big ones is most of the
+    cost (deep copies are taken where a test changes them)."""
+    torch.manual_seed(0)
+    return getattr(resnet, name)(), CASES[name]()
+
+
+@pytest.fixture(scope='module', autouse=True)
+def free_the_built_models():
+    yield
+    built.cache_clear()  # about 1 GB of weights
+
+
 @pytest.mark.parametrize('name', list(CASES))
 def test_same_state_dict_keys_and_shapes_as_torchvision(name):
-    ours = getattr(resnet, name)().state_dict()
-    theirs = CASES[name]().state_dict()
+    ours, theirs = (model.state_dict() for model in built(name))
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
 
@@ -25,8 +41,7 @@ def test_same_state_dict_keys_and_shapes_as_torchvision(name):
 @pytest.mark.parametrize('name', list(CASES))
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_same_outputs_as_torchvision_with_the_same_weights(name, mode):
-    torch.manual_seed(0)
-    ours, theirs = getattr(resnet, name)(), CASES[name]()
+    ours, theirs = (copy.deepcopy(model) for model in built(name))
     theirs.load_state_dict(ours.state_dict(), strict=True)
     getattr(ours, mode)()
     getattr(theirs, mode)()
