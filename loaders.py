@@ -185,7 +185,8 @@ def build_synthetic(*, batch_size, world_size, rank, seed, device, train_crop_si
     [0, 1000). The uint8 batches are normalised on the device as FAST's (fast_jpeg.NormalizedOnDevice)."""
     train_images = train_images or schedules.IMAGENET_TRAIN_IMAGES
     print(f'Synthetic data: {train_images} training and {val_images} validation images per epoch, '
-          f'{SYNTHETIC_CLASSES} classes, one random batch made once on {device}; no files are read')
+          f'{SYNTHETIC_CLASSES} classes, one random batch made once on {device}; no files are read (so '
+          '--dl-worker-type, --workers, --cache-dataset and the augmentation flags do not apply)')
     train_sampler = samplers.TrainSampler(train_images, world_size, rank, seed)
     val_sampler = samplers.ShardedEvalSampler(val_images, world_size, rank)
     train = SyntheticBatches(train_sampler, batch_size, train_crop_size, device, seed, train=True)
