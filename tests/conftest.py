@@ -142,10 +142,11 @@ def job_processes(root_pid):
 def run_in_process(script_module, argv):
     """`python <script> argv` run inside the test process, as its `__main__` block runs it (argument
     parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.
-    The environment is restored afterwards (the device layer sets variables for Habana's bridge)."""
+    The environment and the stop-signal handlers the trainer installs are restored afterwards."""
     import cli
     import recipe_flags
     environ = dict(os.environ)
+    handlers = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     try:
         cli.run_cli(script_module.main, recipe_flags.parse_args(script_module.get_args_parser(), argv))
         return 0
@@ -155,6 +156,18 @@ def run_in_process(script_module, argv):
         output_folder.release_all()  # what the end of the process does
         os.environ.clear()
         os.environ.update(environ)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@pytest.fixture
+def stop_handlers():
+    """For tests that install the trainers' stop-signal handlers themselves: pytest's come back afterwards."""
+    import cli
+    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def mpirun_prefix(n):

@@ -37,25 +37,13 @@ def records(folder, kind=None):
     return [r for r in found if kind is None or r['type'] == kind]
 
 
-@pytest.fixture
-def keep_stop_handlers():
-    """The trainers install their stop-signal handlers; give pytest its own back."""
-    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 @pytest.fixture(scope='module')
 def train_run(jpeg_dataset, tmp_path_factory):
     """One in-process train.py run: 2 epochs of 4 steps, --tensorboard, a checkpoint (for --test-only)."""
     out = tmp_path_factory.mktemp('metrics') / 'resnet-run'
-    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     code = run_in_process(train, ['--data-path', jpeg_dataset, '--output-dir', str(out), *QUICK, '--epochs', '2',
                                   '--num-train-steps', '4', '--num-eval-steps', '2', '--save-checkpoint',
                                   '--tensorboard'])
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
     assert code == 0
     return out
 
@@ -171,7 +159,7 @@ def test_tensorboard_events_read_back_with_the_jsonl_tags(train_run):
         [(32, records(train_run, 'val')[0]['val.top1']), (64, records(train_run, 'val')[1]['val.top1'])])
 
 
-def test_test_only_appends_a_header_and_its_evaluation(train_run, jpeg_dataset, tmp_path, keep_stop_handlers):
+def test_test_only_appends_a_header_and_its_evaluation(train_run, jpeg_dataset, tmp_path):
     before = (train_run / 'metrics.jsonl').read_bytes()
     code = run_in_process(train, ['--data-path', jpeg_dataset, '--output-dir', str(train_run), *QUICK,
                                   '--num-eval-steps', '1', '--test-only',
@@ -184,7 +172,7 @@ def test_test_only_appends_a_header_and_its_evaluation(train_run, jpeg_dataset, 
     assert (val['type'], val['epoch'], val['val.images']) == ('val', 1, 8)  # the checkpoint's last epoch
 
 
-def test_no_output_dir_writes_no_metrics_file(jpeg_dataset, tmp_path, monkeypatch, keep_stop_handlers):
+def test_no_output_dir_writes_no_metrics_file(jpeg_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_in_process(train, ['--data-path', jpeg_dataset, '--output-dir', '', *QUICK, '--epochs', '1',
                                   '--num-train-steps', '1', '--num-eval-steps', '1']) == 0
@@ -213,11 +201,8 @@ def test_tensorboard_needs_an_output_dir(tmp_path, capsys):
 def googlenet_run(jpeg_dataset, tmp_path_factory):
     """One in-process main.py run: 1 epoch of 3 steps."""
     out = tmp_path_factory.mktemp('metrics') / 'googlenet-run'
-    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     code = run_in_process(main, ['--data-path', jpeg_dataset, '--output-dir', str(out), *GOOGLENET_QUICK,
                                  '--epochs', '1', '--num-train-steps', '3', '--save-checkpoint', '0'])
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
     assert code == 0
     return out
 

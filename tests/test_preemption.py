@@ -86,14 +86,6 @@ def test_checkpoints_of_the_first_format_resume_from_their_step_number():
     assert training.resume_position({'epoch': 3}) == (4, 0)
 
 
-@pytest.fixture
-def stop_handlers():
-    saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 @pytest.mark.parametrize('signum', cli.STOP_SIGNALS)
 def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_repeats_do_not_kill(stop_handlers, signum):
     stop = stopping.GracefulStop()
