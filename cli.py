@@ -147,11 +147,13 @@ def add_recipe_args(parser):
     group.add_argument('--lr-scheduler', default='steplr',
                        help='steplr (per epoch, the default; per iteration with a warm-up), cosineannealinglr, '
                             'polynomiallr (MLPerf/LARS: to --lr-min), collapse (--lr-phases)')
-    group.add_argument('--lr-warmup-epochs', '--lars_warmup_epochs', default=0.0, type=float, help='warm-up length in epochs (per iteration)')
+    group.add_argument('--lr-warmup-epochs', '--lars_warmup_epochs', default=0.0, type=float,
+                       help='warm-up length in epochs (per iteration)')
     group.add_argument('--lr-warmup-method', default='linear', help='linear or constant')
     group.add_argument('--lr-warmup-decay', default=0.01, type=float,
                        help='the warm-up starts at this fraction of --lr (0: from 0, polynomiallr only)')
-    group.add_argument('--lr-min', '--lars_end_learning_rate', default=0.0, type=float, help='the LR cosine and polynomial decays end at')
+    group.add_argument('--lr-min', '--lars_end_learning_rate', default=0.0, type=float,
+                       help='the LR cosine and polynomial decays end at')
     group.add_argument('--lr-power', default=2.0, type=float, help='polynomiallr: the decay\'s power')
     group.add_argument('--lr-decay-epochs', '--lars_decay_epochs', default=0.0, type=float,
                        help='polynomiallr: decay horizon in epochs, warm-up included (default: --epochs)')
@@ -182,9 +184,11 @@ def add_recipe_args(parser):
     group.add_argument('--ra-magnitude', default=9, type=int, help='RandAugment magnitude')
     group.add_argument('--augmix-severity', default=3, type=int, help='AugMix severity')
     group.add_argument('--random-erase', default=0.0, type=float, help='MP loader: random erasing probability')
-    group.add_argument('--epochs-between-evals', '-ebe', '--epochs_between_evals', default=1, type=int, metavar='N',
+    group.add_argument('--epochs-between-evals', '-ebe', '--epochs_between_evals', default=1, type=int,
+                       metavar='N',
                        help='evaluate every N epochs (and after the last)')
-    group.add_argument('--eval-offset-epochs', '-eoe', '--eval_offset_epochs', default=0, type=int, metavar='K',
+    group.add_argument('--eval-offset-epochs', '-eoe', '--eval_offset_epochs', default=0, type=int,
+                       metavar='K',
                        help='the first evaluation after epoch K (then every --epochs-between-evals)')
     # Habana 1.7+'s spellings of the LARS values, for its commands as they are (the others are aliases above):
     # they set the same values as --lr and --wd, which the trainers define (a default of their own would win).

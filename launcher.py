@@ -394,9 +394,7 @@ def add_launch_flags(parser, world_size, process_per_node, dist_flag, world_size
                         help='passed to the trainer: longest wait for the other ranks (trainer default: 600)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the command and exported variables, start nothing')
-    parser.add_argument('--tensorboard', action='store_true',
-                        help='passed to the trainer: also write the metrics as TensorBoard scalars into '
-                             '<output-dir>/tensorboard')
+    cli.add_tensorboard_arg(parser)  # passed to the trainer
     parser.add_argument('--recipe', default=recipes.DEFAULT, metavar='NAME',
                         help='passed to the trainer: a named recipe whose values replace this script\'s defaults '
                              '(flags given here still win); "--recipe list" describes them')

@@ -87,9 +87,6 @@ class PrintWindow(utils.ThroughputWindow):
     """The steps since the last progress line: per-step compute and data-wait times, throughput
     with and without data loading. With --print-interval 1 these are exactly the original's figures."""
 
-    def __init__(self):
-        super().__init__(exclude_data_time=False)
-
     def times(self):
         """The window's figures; a new window starts."""
         window = self.close()

@@ -46,7 +46,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
     metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{value}'))
 
     header = f'Epoch: [{epoch}]'
-    throughput = utils.ThroughputWindow(exclude_data_time=dl_time_exclude)
+    throughput = utils.ThroughputWindow()
     nonfinite = stopping.NonFiniteLossWatch(dev.torch_device)
     batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=num_train_steps - first_step)
     for step, (image, target) in enumerate(batches, start=first_step):

@@ -173,14 +173,10 @@ class Window(NamedTuple):
 
 
 class ThroughputWindow:
-    """Images per second over the steps since the last report.
+    """Images per second over the steps since the last report, with and without the time spent waiting for
+    batches (and copying them to the device): over the whole window rather than one step's."""
 
-    With exclude_data_time, time spent waiting for batches (and copying them to the device) is left
-    out, giving compute-only throughput over the whole window rather than one step's.
-    """
-
-    def __init__(self, exclude_data_time):
-        self.exclude_data_time = exclude_data_time
+    def __init__(self):
         self.total_images = 0
         self._reset(time.time())
 
@@ -205,8 +201,3 @@ class ThroughputWindow:
         window = Window(self.images, self.steps, now - self.start, self.data_time)
         self._reset(now)
         return window
-
-    def images_per_second(self):
-        """Report the window's rate and start a new window."""
-        window = self.close()
-        return window.compute_ips if self.exclude_data_time else window.total_ips

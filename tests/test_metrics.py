@@ -22,7 +22,6 @@ import main
 import metrics
 import plot_metrics
 import train
-import utils
 
 QUICK = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '8', '--workers', '0', '--print-freq', '2',
          '--dl-worker-type', 'MP', *TINY_IMAGES]
@@ -107,22 +106,6 @@ def test_other_ranks_and_runs_without_output_dir_write_nothing(tmp_path):
     assert metrics.open_run(str(tmp_path), rank=1) is metrics.NO_METRICS
     assert metrics.open_run('', rank=0) is metrics.NO_METRICS
     assert os.listdir(tmp_path) == []
-
-
-def test_throughput_window_gives_both_rates_and_the_data_wait_per_step(monkeypatch):
-    clock = {'now': 100.0}
-    monkeypatch.setattr(utils.time, 'time', lambda: clock['now'])
-    window = utils.ThroughputWindow(exclude_data_time=True)
-    for data_s, compute_s in ((0.1, 0.3), (0.3, 0.3)):
-        clock['now'] += data_s
-        window.data_ready()
-        clock['now'] += compute_s
-        window.step_done(8)
-    figures = window.close()
-    assert (figures.images, figures.steps) == (16, 2)
-    assert figures.total_ips == pytest.approx(16 / 1.0) and figures.compute_ips == pytest.approx(16 / 0.6)
-    assert figures.data_time_per_step == pytest.approx(0.2)
-    assert (window.images, window.steps, window.total_images) == (0, 0, 16)
 
 
 # --- real runs, in-process ---------------------------------------------------------------------------------------

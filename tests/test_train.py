@@ -164,17 +164,18 @@ class Clock:
         return self.now
 
 
-def test_throughput_window_excludes_data_time_over_the_whole_window(monkeypatch):
+def test_throughput_window_gives_both_rates_over_the_whole_window_and_the_data_wait_per_step(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(utils, 'time', clock)
-    include, exclude = utils.ThroughputWindow(False), utils.ThroughputWindow(True)
+    window = utils.ThroughputWindow()
     for data_s, compute_s in ((0.05, 0.05), (0.2, 0.1), (0.0, 0.15)):
         clock.now += data_s  # waiting for data
-        include.data_ready(), exclude.data_ready()
+        window.data_ready()
         clock.now += compute_s  # computing
-        include.step_done(10), exclude.step_done(10)
+        window.step_done(10)
     clock.now += 0.05  # logging after the last step counts as compute
-    with_data, compute_only = include.images_per_second(), exclude.images_per_second()
-    assert with_data == pytest.approx(30 / 0.6)      # 30 images over the window's 0.6 s
-    assert compute_only == pytest.approx(30 / 0.35)  # ... of which 0.25 s waited for data
-    assert (exclude.images, exclude.data_time, exclude.total_images) == (0, 0.0, 30)  # a report starts a new window
+    figures = window.close()
+    assert figures.total_ips == pytest.approx(30 / 0.6)      # 30 images over the window's 0.6 s
+    assert figures.compute_ips == pytest.approx(30 / 0.35)   # ... of which 0.25 s waited for data
+    assert (figures.steps, figures.data_time_per_step) == (3, pytest.approx(0.25 / 3))
+    assert (window.images, window.steps, window.data_time, window.total_images) == (0, 0, 0.0, 30)  # a new window
