@@ -140,7 +140,7 @@ def run(mode, step, make_loader, batch_sizes, warmup, iterations, dev, descripti
         results.append(result)
     report = dict(description, mode=mode, warmup_steps=warmup, measured_steps=iterations,
                   world_size=len(results[0]['img_per_s_per_rank']) if results else 1,
-                  synchronised=SYNC_NOTE[mode] + f' ({dev.kind}: {sync_name(dev)})',
+                  synchronised=SYNC_NOTE[mode] + f' ({dev.kind}: {dev.synchronize_means})',
                   img_per_s='measured images / wall-clock time of the measured steps (data wait included)',
                   results=results)
     print(format_table(report))
@@ -150,11 +150,6 @@ def run(mode, step, make_loader, batch_sizes, warmup, iterations, dev, descripti
             json.dump(report, f, indent=1)
         print(f'Benchmark results written to {json_path}')
     return report
-
-
-def sync_name(dev):
-    return {'cpu': 'ops are synchronous, nothing to wait for', 'cuda': 'torch.cuda.synchronize()',
-            'hpu': 'htcore.mark_step() and hpu.synchronize()'}.get(dev.kind, 'dev.synchronize()')
 
 
 def is_first_rank():

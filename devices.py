@@ -111,6 +111,8 @@ class CPUDevice:
     def synchronize(self):
         """Wait until the device has finished the work queued so far (timing). CPU ops run synchronously."""
 
+    synchronize_means = 'ops are synchronous, nothing to wait for'  # what synchronize() does, for reports
+
     # Why --compile cannot run on this device (None: it can).
     compile_refusal = None
 
@@ -211,6 +213,8 @@ class CUDADevice(CPUDevice):
     def synchronize(self):
         torch.cuda.synchronize(self.index)
 
+    synchronize_means = 'torch.cuda.synchronize()'
+
     def name(self):
         return torch.cuda.get_device_name(self.index)
 
@@ -304,6 +308,8 @@ class HPUDevice(CPUDevice):
     compile_refusal = ("--compile: on hpu, Habana's lazy mode is the graph compiler (--run-lazy-mode True, "
                        "main.py --enable-lazy); torch.compile(backend='hpu_backend') needs SynapseAI 1.12+, which this "
                        'port does not target: leave out --compile')
+
+    synchronize_means = 'htcore.mark_step() and hpu.synchronize()'
 
     def synchronize(self):
         """Run the queued lazy graph and wait for it (the bridge's hpu.synchronize where it has one)."""
