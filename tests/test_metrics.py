@@ -275,15 +275,17 @@ def test_a_stopped_and_resumed_run_appends_a_header_and_goes_on_with_its_epochs(
     assert [r['type'] for r in first][:3] == ['header', 'train', 'train']
     assert not [r for r in first if r['type'] in ('val', 'epoch')]  # the epoch did not end
 
-    resumed = run_script(['train.py', *common, '--resume', checkpoint])
+    # resumed with other settings: the other loader, half the batch (the position is kept in samples)
+    resumed = run_script(['train.py', *common, '--dl-worker-type', 'FAST', '--batch-size', '4', '--resume', checkpoint])
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     found = records(out)
     assert found[:len(first)] == first  # appended
     header = found[len(first)]
     assert header['type'] == 'header' and header['resumed_from'] == {
-        'checkpoint': os.path.abspath(checkpoint), 'epoch': 0, 'step': step + 1}
+        'checkpoint': os.path.abspath(checkpoint), 'epoch': 0, 'step': (step + 1) * 2}
+    assert header['batch_size'] == 4 and header['steps_per_epoch'] == 12
     rest = found[len(first) + 1:]
-    assert [(r['epoch'], r['step']) for r in rest if r['type'] == 'train'][0] == (0, step + 1)
+    assert [(r['epoch'], r['step']) for r in rest if r['type'] == 'train'][0] == (0, (step + 1) * 2)
     assert [(r['type'], r['epoch']) for r in rest if r['type'] != 'train'] == [('val', 0), ('epoch', 0),
                                                                             ('val', 1), ('epoch', 1)]
     assert [r for r in rest if r['type'] == 'epoch'][1]['train.images'] == 48
