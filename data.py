@@ -410,6 +410,17 @@ def start_worker(worker_id, trainer_pid):
     """worker_init_fn: per-worker seeds, stop signals left to the trainer, and an end with the trainer's."""
     samplers.seed_worker(worker_id)
     end_with_trainer(trainer_pid)
+    sys.excepthook = quiet_when_the_trainer_is_gone(sys.excepthook)
+
+
+def quiet_when_the_trainer_is_gone(excepthook):
+    """multiprocessing's resource sharer, which hands a batch's file descriptors to the trainer from a thread of the
+    worker, reports a failed hand-over through sys.excepthook: when the trainer died (a killed rank) that printed a
+    ConnectionResetError traceback into the job's log. A broken connection is the trainer's end, not news."""
+    def hook(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            excepthook(kind, value, traceback)
+    return hook
 
 
 def worker_options(workers, start_method=None):
