@@ -8,7 +8,7 @@ Unlike the original, --enable-lazy means lazy mode, and the trainer's exit statu
 """
 import sys
 
-import launcher
+from classification import launcher
 
 DEFAULT_MODEL = 'googlenet'
 ALWAYS_PASSED = ('--batch-size', '--data-path', '--dataset-type', '--device', '--dl-worker-type', '--epochs',

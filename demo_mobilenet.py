@@ -5,7 +5,7 @@ defaults, plus the optimiser settings; the launch itself is launcher.py's.
 
     python demo_mobilenet.py --world-size 8 --data-type bf16 --lr 0.36 --wd 0.00004 --data-path /data/imagenet --dry-run
 """
-import launcher
+from classification import launcher
 
 HYPERPARAMETERS = ('--lr', '--momentum', '--wd', '--lr-step-size', '--lr-gamma')
 

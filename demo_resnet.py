@@ -4,7 +4,7 @@ The interface of Habana's demo_resnet.py (release 1.4.0); the launch itself is l
 
     python demo_resnet.py --world-size 8 --model resnet50 --data-type bf16 --data-path /data/imagenet --dry-run
 """
-import launcher
+from classification import launcher
 
 TRAINER = 'train.py'
 PRINT_NAMESPACE = True  # as the original, which prints its parsed arguments

@@ -17,12 +17,8 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-import checkpoints
-import cli
-import data
-import devices
-import training
-from cli import UsageError
+from classification import checkpoints, cli, data, devices, training
+from classification.cli import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP_K = 5

@@ -16,17 +16,9 @@ from collections import namedtuple
 import torch
 from torchvision.models import GoogLeNetOutputs
 
-import checkpoints
-import cli
-import devices
-import distributed
-import loaders
-import metrics
-import recipe_flags
-import stopping
-import training
+from classification import checkpoints, cli, devices, distributed, loaders, metrics, recipe_flags, stopping, training
 import utils
-from cli import UsageError
+from classification.cli import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DEVICE_KIND = {'cpu': 'cpu', 'gpu': 'cuda', 'hpu': 'hpu'}  # --device gpu means CUDA, as in the original

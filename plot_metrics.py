@@ -11,9 +11,8 @@ import math
 import os
 import sys
 
-import cli
-import metrics
-from cli import UsageError
+from classification import cli, metrics
+from classification.cli import UsageError
 
 PANELS = (  # (title, y label, [(field, line style, legend suffix)])
     ('loss', 'loss', [('train.loss', '-', 'train'), ('val.loss', 'o--', 'val'), ('val_ema.loss', 's:', 'val EMA')]),

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
-import progress
+from classification import progress
 
 PRESETS = {
     # shorter side (px), JPEG quality, smallest crop of the photo (fraction of its sides), unsharp-mask

@@ -14,18 +14,10 @@ import time
 
 import torch
 
-import benchmark_modes
-import checkpoints
-import cli
-import devices
-import distributed
-import loaders
-import metrics
-import recipe_flags
-import stopping
-import training
+from classification import (benchmark_modes, checkpoints, cli, devices, distributed, loaders, metrics, recipe_flags,
+                            stopping, training)
 import utils
-from cli import UsageError
+from classification.cli import UsageError
 
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,

@@ -24,10 +24,7 @@ from torch.utils.data import BatchSampler
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import samplers  # noqa: E402
-import devices  # noqa: E402
-import fast_jpeg  # noqa: E402
+from classification import data, devices, fast_jpeg, samplers  # noqa: E402
 import sample_data  # noqa: E402
 from machine import describe  # noqa: E402  (benchmarks/machine.py)
 

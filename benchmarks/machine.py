@@ -5,7 +5,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mixed_precision  # noqa: E402
+from classification import mixed_precision  # noqa: E402
 
 
 def cpu_capability():

@@ -28,11 +28,7 @@ os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', tempfile.mkdtemp(prefix='induct
 
 import torch  # noqa: E402
 
-import benchmark_modes  # noqa: E402
-import data  # noqa: E402
-import devices  # noqa: E402
-import loaders  # noqa: E402
-import training  # noqa: E402
+from classification import benchmark_modes, data, devices, loaders, training  # noqa: E402
 from machine import cpu_capability, describe  # noqa: E402  (benchmarks/machine.py)
 
 

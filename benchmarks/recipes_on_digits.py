@@ -27,8 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import recipes  # noqa: E402
-import schedules  # noqa: E402
+from classification import recipes, schedules  # noqa: E402
 
 # One compute thread per run: two cores shared with loader workers (and other runs); more threads oversubscribe
 # them and a step got 10x slower here.

@@ -30,14 +30,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import data  # noqa: E402
-import devices  # noqa: E402
-import fast_jpeg  # noqa: E402
+from classification import data, devices, fast_jpeg, samplers, training  # noqa: E402
 import model as models  # noqa: E402
 import sample_data  # noqa: E402
-import samplers  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
 from machine import cpu_capability, cpu_capability_tag, describe  # noqa: E402  (benchmarks/machine.py)
 
 # name: (channels_last, hmp)

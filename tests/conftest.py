@@ -15,8 +15,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import devices  # noqa: E402
-import output_folder  # noqa: E402
+from classification import devices, output_folder  # noqa: E402
 import sample_data  # noqa: E402
 
 # Small crops keep CPU steps fast; the flags are the upstream (0.12+) names the trainer accepts.
@@ -143,8 +142,8 @@ def run_in_process(script_module, argv):
     """`python <script> argv` run inside the test process, as its `__main__` block runs it (argument
     parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.
     The environment and the stop-signal handlers the trainer installs are restored afterwards."""
-    import cli
-    import recipe_flags
+    from classification import cli
+    from classification import recipe_flags
     environ = dict(os.environ)
     handlers = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     try:
@@ -163,7 +162,7 @@ def run_in_process(script_module, argv):
 @pytest.fixture
 def stop_handlers():
     """For tests that install the trainers' stop-signal handlers themselves: pytest's come back afterwards."""
-    import cli
+    from classification import cli
     saved = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     yield
     for signum, handler in saved.items():

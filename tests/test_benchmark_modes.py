@@ -9,13 +9,10 @@ import torch
 
 from conftest import mpirun_prefix, run_in_process, run_script
 
-import benchmark_modes
-import data
-import devices
-import loaders
+from classification import benchmark_modes, data, devices, loaders
 import main as googlenet_trainer
 import train
-from cli import UsageError
+from classification.cli import UsageError
 
 TINY = ['--device', 'cpu', '--model', 'resnet18', '--workers', '0', '--train-crop-size', '32',
         '--val-resize-size', '40', '--val-crop-size', '32']

@@ -13,14 +13,10 @@ from torchvision import transforms
 
 from conftest import TINY_IMAGES, run_script
 
-import data
-import devices
-import distributed
-import fast_jpeg
-import loaders
+from classification import data, devices, distributed, fast_jpeg, loaders
 import main as googlenet
 import train
-from cli import UsageError
+from classification.cli import UsageError
 
 CROP, RESIZE, VAL_CROP = 32, 40, 32  # TINY_IMAGES
 

@@ -14,9 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_IMAGES, run_script, script_env
-import cli
-import launcher
-import metrics
+from classification import cli, launcher, metrics
 
 PY = sys.executable
 DATA = '/root/software/data/pytorch/imagenet/ILSVRC2012'

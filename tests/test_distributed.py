@@ -14,12 +14,10 @@ import torch.distributed as dist
 
 from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, read_until, run_script, script_env
 
-import devices
-import distributed
-import launcher
+from classification import devices, distributed, launcher
 import main as googlenet_trainer
 import train
-from cli import UsageError
+from classification.cli import UsageError
 
 
 @pytest.mark.slow

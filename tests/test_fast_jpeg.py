@@ -15,10 +15,7 @@ from torchvision.transforms import functional as TF
 
 from conftest import TINY_IMAGES, run_script
 
-import data
-import devices
-import fast_jpeg
-import samplers
+from classification import data, devices, fast_jpeg, samplers
 
 CROP, RESIZE, VAL_CROP = 32, 40, 32  # TINY_IMAGES
 

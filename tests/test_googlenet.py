@@ -13,9 +13,8 @@ from torchvision.models import GoogLeNetOutputs
 
 from conftest import REPO, HPUDeviceOnCPU, run_script
 
-import devices
+from classification import devices, metrics
 import main
-import metrics
 
 # 15 px is GoogLeNet's smallest input (main.GOOGLENET_MIN_INPUT); 16 keeps CPU steps cheapest.
 GOOGLENET_TINY = ['--train-crop-size', '16', '--val-resize-size', '18', '--val-crop-size', '16']

@@ -12,10 +12,8 @@ import torchvision
 
 from conftest import REPO, TINY_IMAGES, HPUDeviceOnCPU, run_script
 
-import cli
-import devices
+from classification import cli, devices, training
 import train
-import training
 
 BF16_OPS = os.path.join(REPO, 'ops_bf16_Resnet.txt')
 FP32_OPS = os.path.join(REPO, 'ops_fp32_Resnet.txt')
@@ -165,7 +163,7 @@ def test_device_hpu_without_the_bridge_is_one_clear_line(jpeg_dataset, tmp_path)
 
 
 def test_lars_in_lazy_mode_is_habanas_fused_lars_with_one_group_and_its_mask(sdk):
-    import optimizers
+    from classification import optimizers
     dev = HPUDeviceOnCPU(lazy_mode=True)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     groups = optimizers.param_groups(model, 5e-5, lars=True)
@@ -182,7 +180,7 @@ def test_lars_in_lazy_mode_is_habanas_fused_lars_with_one_group_and_its_mask(sdk
 
 
 def test_lars_in_eager_mode_is_this_ports_lars(sdk):
-    import optimizers
+    from classification import optimizers
     dev = HPUDeviceOnCPU(lazy_mode=False)
     model = nn.Linear(3, 2)
     optimizer = dev.make_optimizer(optimizers.param_groups(model, 1e-4, lars=True), lr=1.0, momentum=0.9,

@@ -13,10 +13,7 @@ from PIL import Image
 
 from conftest import REPO, TINY_IMAGES, HPUDeviceOnCPU, run_in_process, run_script
 
-import checkpoints
-import cli
-import data
-import devices
+from classification import checkpoints, cli, data, devices
 import inference
 import main as googlenet
 import train

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 
 from conftest import REPO
-import launcher
-from launcher import Placement, Topology
-from cli import UsageError
+from classification import launcher
+from classification.launcher import Placement, Topology
+from classification.cli import UsageError
 
 TRAINER = ['python', '/opt/demo/train.py', '--model=resnet50']
 HOST_56_CORES = Topology(cores=56, sockets=2)

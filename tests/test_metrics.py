@@ -15,11 +15,9 @@ import torchvision
 
 from conftest import REPO, TINY_IMAGES, read_until, run_in_process, run_script, start_process
 
-import cli
+from classification import cli, launcher, metrics
 import demo_resnet
-import launcher
 import main
-import metrics
 import plot_metrics
 import train
 

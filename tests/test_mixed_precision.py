@@ -9,9 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, TINY_IMAGES, mpirun_prefix, run_script, script_env
 
-import devices
-import cli
-import mixed_precision
+from classification import cli, devices, mixed_precision
 
 OPS = {name: os.path.join(REPO, f'ops_{name}.txt') for name in
        ('bf16_Resnet', 'fp32_Resnet', 'bf16_Mobilenet', 'fp32_Mobilenet', 'bf16_googlenet', 'fp32_googlenet')}
@@ -77,7 +75,7 @@ def test_without_hmp_everything_stays_fp32():
 
 
 def test_op_list_files_of_the_original_are_all_present_and_valid():
-    import mixed_precision
+    from classification import mixed_precision
     for name, path in OPS.items():
         ops = mixed_precision.read_op_list(path, '--hmp-' + name[:4])
         mixed_precision.resolve_ops(ops, '--hmp-' + name[:4], path)

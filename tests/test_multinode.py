@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, TINY_IMAGES, free_port, read_until, script_env
 
-import launcher
+from classification import launcher
 import sample_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.multinode]

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-import optimizers
-from optimizers import LARS
+from classification import optimizers
+from classification.optimizers import LARS
 
 
 def tensor(values):

@@ -16,11 +16,10 @@ import torchvision
 
 from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_script, start_process
 
-import checkpoints
+from classification import checkpoints, output_folder
 import main
-import output_folder
 import train
-from cli import CleanExit, UsageError
+from classification.cli import CleanExit, UsageError
 
 QUICK = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--print-freq', '2', *TINY_IMAGES]
 GOOGLENET_QUICK = ['--device', 'cpu', '--batch-size', '4', '--train-crop-size', '16', '--val-resize-size', '18',

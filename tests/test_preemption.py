@@ -13,10 +13,7 @@ import torch.distributed as dist
 
 from conftest import REPO, TINY_IMAGES, job_processes, mpirun_prefix, read_until, run_script, script_env, start_process
 
-import cli
-import samplers
-import stopping
-import training
+from classification import cli, samplers, stopping, training
 
 # 4 classes x 12 train images: 12 steps of 4 on one rank, 6 per rank on two.
 REAL = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '5',

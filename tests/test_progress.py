@@ -5,8 +5,7 @@ import os
 
 import pytest
 
-import data
-import progress
+from classification import data, progress
 import sample_data
 
 

@@ -17,18 +17,10 @@ from torchvision.transforms import v2
 
 from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, start_process
 
-import data
-import fast_jpeg
-import launcher
-import loaders
+from classification import data, devices, fast_jpeg, launcher, loaders, recipe_flags, recipes, samplers, schedules, training
 import main as main_trainer
-import recipe_flags
-import recipes
-import samplers
-import schedules
 import train
-import training
-from cli import UsageError
+from classification.cli import UsageError
 
 
 def parsed(argv, world_size=1):
@@ -346,7 +338,7 @@ def test_ema_follows_its_formula_with_torchvisions_adjustment():
 def test_gradient_clipping_bounds_the_step():
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    dev = __import__('devices').create('cpu', channels_last=False)
+    dev = devices.create('cpu', channels_last=False)
     training.train_step(model, lambda out, t: (out * 1000).sum(), optimizer, dev, torch.ones(2, 4), None,
                         clip_grad_norm=0.5)
     norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -453,7 +445,7 @@ def test_sigterm_and_resume_with_recipe_pieces_end_with_the_same_weights(jpeg_da
 
 def test_a_resume_with_other_optimizer_groups_is_one_line():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    dev = __import__('devices').create('cpu', channels_last=False)
+    dev = devices.create('cpu', channels_last=False)
     split = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4, norm_weight_decay=0.0)
     plain = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4)
     with pytest.raises(UsageError, match=r'groups of \[\(2, False\), \(2, False\)\].*this run.s \[\(4, False\)\]'):

@@ -9,7 +9,7 @@ import torchvision
 
 from conftest import TINY_IMAGES, run_script
 
-import cli
+from classification import cli
 import train
 import utils
 

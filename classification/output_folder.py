@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from cli import CleanExit, UsageError
+from .cli import CleanExit, UsageError
 
 LOCK_NAME = '.lock'
 TEMP_FILE = re.compile(r'^\..+\.\d+\.[0-9a-f]{8}\.tmp$')  # what temp_path() names

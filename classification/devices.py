@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-import distributed
-from cli import UsageError
+from . import distributed
+from .cli import UsageError
 
 
 @dataclass
@@ -79,14 +79,14 @@ class CPUDevice:
 
     def name(self):
         """What runs the steps, in words, for the metrics file: the CPU model here."""
-        import mixed_precision
+        from . import mixed_precision
         return mixed_precision.cpu_model()
 
     def _start_precision(self, hmp):
         """Return the context that applies --hmp around forward and loss (None without --hmp)."""
         if hmp is None:
             return None
-        import mixed_precision
+        from . import mixed_precision
         precision = mixed_precision.from_op_files(hmp.bf16_path, hmp.fp32_path)
         self._warn_if_bf16_is_slow()
         return precision
@@ -95,7 +95,7 @@ class CPUDevice:
         """Without native bf16, --hmp makes a CPU step slower than fp32 (without oneDNN bf16 kernels several
         times): say so and go on, as the user asked for bf16 and it is slow, not wrong. Once per host: ranks
         are not known yet."""
-        import mixed_precision
+        from . import mixed_precision
         warning = mixed_precision.slow_bf16_warning(mixed_precision.cpu_bf16_support())
         if warning and distributed.discover_ranks()[2] == 0:
             print(warning, file=sys.stderr, flush=True)
@@ -141,7 +141,7 @@ class CPUDevice:
     def make_optimizer(self, params, lr, momentum, weight_decay, kind='sgd', nesterov=False, trust_coefficient=0.001):
         """SGD (fused) or LARS over `params` (parameter groups)."""
         if kind == 'lars':
-            import optimizers
+            from . import optimizers
             return optimizers.LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                    trust_coefficient=trust_coefficient, nesterov=nesterov)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
@@ -273,7 +273,7 @@ class HPUDevice(CPUDevice):
         """hmp.convert() applies to the whole process, so no context is needed around forward."""
         if hmp is None:
             return None
-        import mixed_precision
+        from . import mixed_precision
         # Same checks as on CPU/CUDA, so a typo fails before the bridge reads the files.
         for path, flag in ((hmp.bf16_path, '--hmp-bf16'), (hmp.fp32_path, '--hmp-fp32')):
             mixed_precision.resolve_ops(mixed_precision.read_op_list(path, flag), flag, path)
@@ -340,7 +340,7 @@ class HPUDevice(CPUDevice):
         extra = {'nesterov': True} if nesterov else {}
         if kind != 'lars':
             return hpex_optimizers.FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **extra)
-        import optimizers
+        from . import optimizers
         if nesterov:
             raise UsageError('--nesterov: Habana\'s fused LARS has no Nesterov momentum; drop it or use '
                              '--run-lazy-mode False (this port\'s LARS)')

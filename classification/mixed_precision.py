@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from cli import UsageError
+from .cli import UsageError
 
 # Where an op's name in a list can be found as a callable that the mode will be handed.
 NAMESPACES = (torch, F, torch.Tensor, torch._C._nn)

@@ -19,11 +19,12 @@ import sys
 import time
 import weakref
 
-from cli import UsageError
+from . import REPO_ROOT
+from .cli import UsageError
 
 FILE_NAME = 'metrics.jsonl'
 TENSORBOARD_FOLDER = 'tensorboard'
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO_ROOT
 NOT_SCALARS = ('epoch', 'step', 'timestamp')  # where a record is, not what it measures
 INSTALL_TENSORBOARD = ('--tensorboard: the tensorboard package is not installed; install it with '
                        '`pip install tensorboard` or leave out --tensorboard')

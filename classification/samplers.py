@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-from cli import STOP_SIGNALS
+from .cli import STOP_SIGNALS
 
 
 def sample_seed(seed, epoch, index):

@@ -16,10 +16,8 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-import output_folder
-import progress
-import samplers
-from cli import STOP_SIGNALS, UsageError, end_loader_workers, stop_signals_blocked
+from . import output_folder, progress, samplers
+from .cli import STOP_SIGNALS, UsageError, end_loader_workers, stop_signals_blocked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

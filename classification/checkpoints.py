@@ -20,9 +20,8 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-import distributed
-import output_folder
-from cli import UsageError
+from . import distributed, output_folder
+from .cli import UsageError
 
 FORMAT_VERSION = 1
 

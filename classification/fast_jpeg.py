@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, Dataset
 
-import data
-import samplers
+from . import data, REPO_ROOT, samplers
 
 SCALE = (0.08, 1.0)
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
@@ -47,7 +46,7 @@ _resize_aa_out = getattr(getattr(torch.ops.aten, '_upsample_bilinear2d_aa', None
 
 def load_region_decoder():
     """csrc/jpeg_region.c's fj_decode_region when built (sh csrc/build.sh), else None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'libjpeg_region.so')
+    path = os.path.join(REPO_ROOT, 'csrc', 'libjpeg_region.so')
     try:
         decode = ctypes.CDLL(path).fj_decode_region
     except (OSError, AttributeError):

@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, replace
 
-from cli import UsageError
+from .cli import UsageError
 
 SCHEDULERS = ('steplr', 'cosineannealinglr', 'polynomiallr', 'collapse')
 WARMUP_METHODS = ('linear', 'constant')
@@ -349,7 +349,7 @@ class Schedule:
 def iterations_per_epoch(dataset_size, world_size, batch_size, num_train_steps):
     """Optimizer steps per epoch: this rank's batches (samplers.train_batches of its share), at most
     --num-train-steps."""
-    import samplers
+    from . import samplers
     share = math.ceil(dataset_size / world_size)
     return max(min(samplers.train_batches(share, batch_size), num_train_steps), 1)
 

@@ -13,11 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-import data
-import fast_jpeg
-import samplers
-import schedules
-from cli import UsageError
+from . import data, fast_jpeg, samplers, schedules
+from .cli import UsageError
 
 SYNTHETIC = 'synthetic'              # the --data-path that selects synthetic data (DLE's --data-backend name)
 SYNTHETIC_CLASSES = 1000             # ImageNet-1k's

@@ -15,13 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import checkpoints
-import devices
-import distributed
+from . import checkpoints, devices, distributed, optimizers, samplers
 import model as models
-import optimizers
-import samplers
-from cli import UsageError
+from .cli import UsageError
 
 
 # --- Checks and set-up ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch.distributed as dist
 
-from cli import CleanExit, UsageError, whole_seconds
+from .cli import CleanExit, UsageError, whole_seconds
 
 DEFAULT_TIMEOUT_S = 600
 DEFAULT_MASTER_ADDR = 'localhost'

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import cli
-import recipes
-from cli import UsageError
+from . import cli, recipes, REPO_ROOT
+from .cli import UsageError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = REPO_ROOT  # the trainers and the op lists
 
 # What TrainingRunner forwards to every host with `mpirun -x` when it is set (its order).
 FORWARDED_VARIABLES = (

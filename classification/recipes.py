@@ -7,7 +7,7 @@ results come from ../shared/reference (spec-recipes-and-peers.md, spec-torchvisi
 import argparse
 from typing import Callable, NamedTuple
 
-from cli import UsageError
+from .cli import UsageError
 
 DEFAULT = 'habana-1.4'
 
@@ -74,7 +74,7 @@ COLLAPSE_PHASES = (  # at global batch 4096, spec 2.4
 
 def collapse_phases(global_batch):
     """The phases for `global_batch`: LRs scaled linearly from 4096, lengths in iterations scaled inversely."""
-    import schedules
+    from . import schedules
     factor = global_batch / COLLAPSE_BATCH
     return [schedules.parse_phase(text).scaled(factor).describe() if global_batch != COLLAPSE_BATCH else text
             for text in COLLAPSE_PHASES]

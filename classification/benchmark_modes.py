@@ -19,8 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import training
-from cli import UsageError
+from . import training
+from .cli import UsageError
 
 MODES = ('training', 'benchmark-training', 'benchmark-inference')
 PERCENTILES = (90, 95, 99)

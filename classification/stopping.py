@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from cli import STOP_SIGNALS, CleanExit
+from .cli import STOP_SIGNALS, CleanExit
 
 
 class GracefulStop:

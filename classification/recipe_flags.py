@@ -6,12 +6,8 @@ as upstream's train.py reads it.
 import shlex
 import sys
 
-import distributed
-import loaders
-import recipes
-import schedules
-import training
-from cli import UsageError
+from . import distributed, loaders, recipes, schedules, training
+from .cli import UsageError
 
 
 def launched_world_size(world_size_flag=1):
@@ -63,7 +59,7 @@ def has_plain_crop_epochs(args):
 
 def check(args):
     """Refuse recipe flags that cannot work, before any data is read or any file written."""
-    import data
+    from . import data
     try:
         schedules.check(schedule_config(args))
     except UsageError as err:
