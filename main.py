@@ -4,7 +4,7 @@ It keeps the examples' shape (main, train, validate, save_checkpoint, AverageMet
 and its log lines, and adds what Habana added: the auxiliary-classifier loss, throughput with and
 without data loading, a warm-up skip in the averages, and periodic checkpoints. Devices, data
 loading, metrics, the step, resume and checkpoint files come from the training core (training.py) that
-train.py (the ResNet/MobileNetV2 trainer) uses too; the deliberate changes are listed in the README.
+train.py (the ResNet/MobileNetV2 trainer) uses too; the deliberate changes are listed in docs/googlenet.md.
 """
 import datetime
 import functools
@@ -232,9 +232,9 @@ def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc
     """
     fields = {'epoch': epoch, 'arch': args.model, 'best_acc1': best_acc1, **training.schedule_fields(schedule, ema),
               'args': checkpoints.plain_args(args)}
-    return training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, len(classes), fields,
+    return training.save_checkpoint(dev, model_without_ddp, optimizer, fields,
                                     checkpoint_paths(args.output_dir, epoch, args.device, is_best),
-                                    model_key='state_dict', position=position, classes=classes)
+                                    model_name=args.model, classes=classes, model_key='state_dict', position=position)
 
 
 def check_aux_heads(state_dict, model, path):
@@ -285,15 +285,9 @@ def load_data(args, dev, ranks):
     augmentation is seeded (as train.py's --deterministic) so runs repeat; without it the training order
     shuffles from seed 0, the DistributedSampler default, so that every rank draws the same order."""
     seeded = args.seed is not None
-    return loaders.build(args.data_path, kind=args.dl_worker_type, batch_size=args.batch_size, workers=args.workers,
-                         world_size=ranks.world_size, rank=ranks.rank, seed=args.seed if seeded else 0, seeded=seeded,
-                         device=dev.torch_device, pin_memory=dev.pin_memory(),
-                         worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
-                         val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
-                         loader_seed=args.seed if seeded else int(torch.randint(2 ** 31, ()).item()),
-                         augmentation=recipe_flags.augmentation(args),
-                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args),
-                         synthetic_images=args.dataset_size)
+    settings = recipe_flags.loader_settings(args, seed=args.seed if seeded else 0, seeded=seeded,
+                                            batch_size=args.batch_size)
+    return loaders.build(args.data_path, settings, ranks, dev.loader_placement())
 
 
 def check_args(args):
@@ -317,11 +311,11 @@ def main(args):
     check_args(args)
     if args.print_schedule:
         return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size))
-    dev, ranks = training.start(TORCH_DEVICE_KIND[args.device], output_dir=args.output_dir, writes=not args.evaluate,
-                                dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=True,
-                                hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
-                                                        args.hmp_verbose),
-                                lazy_mode=args.enable_lazy, index=args.gpu, compile=args.compile)
+    hmp = training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level, args.hmp_verbose)
+    device = devices.DeviceSettings(TORCH_DEVICE_KIND[args.device], channels_last=True, hmp=hmp,
+                                    lazy_mode=args.enable_lazy, index=args.gpu, compile=args.compile)
+    dev, ranks = training.start(device, output_dir=args.output_dir, writes=not args.evaluate, dist_url=args.dist_url,
+                                dist_timeout=args.dist_timeout)
     vars(args).update(ranks._asdict())  # for print(args), as the original's distributed set-up
     dev.mark_points = devices.EXAMPLES_MARK_POINTS
     print(args)
@@ -355,8 +349,9 @@ def main(args):
     metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
     metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
-                        steps_per_epoch=min(len(train_loader), args.num_train_steps), start_epoch=args.start_epoch,
-                        resume=args.resume, resume_position=resumed.position, test_only=args.evaluate)
+                        steps_per_epoch=min(len(train_loader), args.num_train_steps),
+                        start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
+                        test_only=args.evaluate)
     if args.evaluate:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,

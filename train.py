@@ -4,7 +4,7 @@ A port of Habana's 1.4.0 train.py, itself torchvision's references/classificatio
 0.10) plus Habana's changes. Its functions, flags and log lines follow upstream, in upstream's order;
 what we add sits behind calls with plain names: the device layer (devices.py, through training.py's
 `train_step`), the input pipelines (loaders.py), the stop on SIGTERM and on a NaN loss (stopping.py), and
-the mid-epoch resume (training.py). The deliberate changes are listed in the README.
+the mid-epoch resume (training.py). The deliberate changes are listed in docs/upstream-diff.md.
 """
 import datetime
 import math
@@ -124,17 +124,9 @@ def load_data(data_path, args, dev, ranks, batch_size=None):
     upstream's progress lines. The training order is shuffled from --seed; with --deterministic every
     sample's augmentation is seeded too. `--data-path synthetic`: random batches made once on the device
     (--dataset-size training images per epoch, ImageNet's by default)."""
-    return loaders.build(data_path, kind=args.dl_worker_type, batch_size=batch_size or args.batch_size,
-                         workers=args.workers,
-                         world_size=ranks.world_size, rank=ranks.rank, seed=args.seed, seeded=args.deterministic,
-                         device=dev.torch_device, pin_memory=dev.pin_memory(),
-                         worker_start_method=dev.worker_start_method, train_crop_size=args.train_crop_size,
-                         val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
-                         cache_dataset=args.cache_dataset, output_dir=args.output_dir,
-                         loader_seed=args.seed if args.deterministic else int(torch.randint(2 ** 31, ()).item()),
-                         augmentation=recipe_flags.augmentation(args),
-                         plain_crop_epochs=recipe_flags.has_plain_crop_epochs(args),
-                         synthetic_images=args.dataset_size)
+    settings = recipe_flags.loader_settings(args, seed=args.seed, seeded=args.deterministic,
+                                            batch_size=batch_size or args.batch_size, cache_dataset=args.cache_dataset)
+    return loaders.build(data_path, settings, ranks, dev.loader_placement())
 
 
 def custom_lr_table(base_lr, values, milestones, epochs):
@@ -207,8 +199,8 @@ def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, cl
     latest = os.path.join(args.output_dir, 'checkpoint.pth')
     paths = [latest] if position is not None else [os.path.join(args.output_dir, f'model_{epoch}.pth'), latest]
     fields = {**training.schedule_fields(schedule, ema), 'epoch': epoch, 'args': checkpoints.plain_args(args)}
-    training.save_checkpoint(dev, model_without_ddp, optimizer, args.model, len(classes), fields, paths,
-                             position=position, classes=classes)
+    training.save_checkpoint(dev, model_without_ddp, optimizer, fields, paths, model_name=args.model, classes=classes,
+                             position=position)
     return latest
 
 
@@ -216,11 +208,11 @@ def main(args):
     lr_table = check_args(args)
     if args.print_schedule:
         return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size), lr_table)
-    dev, ranks = training.start(args.device, output_dir=args.output_dir, writes=not args.test_only,
-                                dist_url=args.dist_url, dist_timeout=args.dist_timeout, channels_last=args.channels_last,
-                                hmp=training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level,
-                                                        args.hmp_verbose),
-                                lazy_mode=args.run_lazy_mode, compile=args.compile)
+    hmp = training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level, args.hmp_verbose)
+    device = devices.DeviceSettings(args.device, channels_last=args.channels_last, hmp=hmp,
+                                    lazy_mode=args.run_lazy_mode, compile=args.compile)
+    dev, ranks = training.start(device, output_dir=args.output_dir, writes=not args.test_only, dist_url=args.dist_url,
+                                dist_timeout=args.dist_timeout)
     vars(args).update(ranks._asdict())  # for print(args) and the checkpoints, as upstream's init_distributed_mode
     dev.mark_points = devices.reference_mark_points(args.model, ranks.distributed)
     print(args)
@@ -258,8 +250,9 @@ def main(args):
     metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
     metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
-                        steps_per_epoch=min(len(data_loader), args.num_train_steps), start_epoch=args.start_epoch,
-                        resume=args.resume, resume_position=resumed.position, test_only=args.test_only)
+                        steps_per_epoch=min(len(data_loader), args.num_train_steps),
+                        start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
+                        test_only=args.test_only)
     if args.test_only:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps,
@@ -341,8 +334,9 @@ def benchmark(args, dev, ranks):
                        data='synthetic' if args.data_path == loaders.SYNTHETIC else args.data_path,
                        crop_size=args.train_crop_size if args.mode == 'benchmark-training' else args.val_crop_size,
                        compile=args.compile, hmp=args.is_hmp, channels_last=args.channels_last)
-    return benchmark_modes.run(args.mode, step, loader, args.benchmark_batch_sizes or [args.batch_size],
-                               args.bench_warmup, args.bench_iterations, dev, description, json_path)
+    plan = benchmark_modes.Plan(args.mode, tuple(args.benchmark_batch_sizes or [args.batch_size]), args.bench_warmup,
+                                args.bench_iterations, json_path)
+    return benchmark_modes.run(plan, step, loader, dev, description)
 
 
 def get_args_parser(add_help=True):
@@ -406,7 +400,7 @@ def get_args_parser(add_help=True):
     cli.add_image_size_args(parser)
     cli.add_compile_arg(parser)
     cli.add_tensorboard_arg(parser)
-    bench = parser.add_argument_group('benchmark modes (README, Synthetic data and benchmark modes)')
+    bench = parser.add_argument_group('benchmark modes (docs/training.md, Synthetic data and benchmark modes)')
     bench.add_argument('--mode', default='training', choices=benchmark_modes.MODES,
                        help='training (the usual run), or measure img/s and latency: benchmark-training (training '
                             'steps), benchmark-inference (forward passes on the validation loader)')

@@ -51,8 +51,8 @@ def build(root, args, dev):
     train_sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
     val_sampler = samplers.ShardedEvalSampler(len(val))
     options = dict(pin_memory=dev.pin_memory(), start_method=dev.worker_start_method)
-    reference = tuple(data.make_loader(ds, args.batch_size, sampler, args.workers, dev.pin_memory(), is_train,
-                                       dev.worker_start_method)
+    reference = tuple(data.make_loader(ds, sampler, train=is_train, batch_size=args.batch_size, workers=args.workers,
+                                       placement=dev.loader_placement())
                       for ds, sampler, is_train in ((train, train_sampler, True), (val, val_sampler, False)))
     fast = (fast_jpeg.batch_loader(fast_jpeg.TrainBatches(list(train.samples), 224, seed=0),
                                    samplers.EpochBatchSampler(train_sampler, args.batch_size), args.workers, **options),

@@ -28,7 +28,7 @@ os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', tempfile.mkdtemp(prefix='induct
 
 import torch  # noqa: E402
 
-from classification import benchmark_modes, data, devices, loaders, training  # noqa: E402
+from classification import benchmark_modes, data, devices, distributed, loaders, optimizers, training  # noqa: E402
 from machine import cpu_capability, describe  # noqa: E402  (benchmarks/machine.py)
 
 
@@ -78,9 +78,8 @@ class Bare:
 
 def synthetic_batches(dev, mode, batch_size, size):
     with contextlib.redirect_stdout(open(os.devnull, 'w')):
-        dataset = loaders.build(loaders.SYNTHETIC, kind='MP', batch_size=batch_size, workers=0, world_size=1, rank=0,
-                                seed=0, seeded=False, device=dev.torch_device, pin_memory=False,
-                                worker_start_method=None, train_crop_size=size, val_crop_size=size)
+        settings = loaders.LoaderSettings(batch_size=batch_size, train_crop_size=size, val_crop_size=size)
+        dataset = loaders.build(loaders.SYNTHETIC, settings, distributed.Ranks(0, 1, 0, False), dev.loader_placement())
     return benchmark_modes.endless(lambda: dataset.train if mode == 'benchmark-training' else dataset.val)
 
 
@@ -89,7 +88,7 @@ def variants(model_name, mode, batch_size, args):
     dev = devices.create(args.device, channels_last=True)
     torch.manual_seed(0)
     model = training.place_model(dev, training.build_model(model_name, 1000))
-    optimizer = training.make_optimizer(dev, model, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    optimizer = training.make_optimizer(dev, model, optimizers.OptimizerSettings(lr=1e-4))
     criterion = training.make_criterion()
     bare = Bare(model, optimizer, criterion, dev, batch_size, args.image_size)
     if mode == 'benchmark-training':

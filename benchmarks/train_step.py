@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from classification import data, devices, fast_jpeg, samplers, training  # noqa: E402
+from classification import data, devices, fast_jpeg, optimizers, samplers, training  # noqa: E402
 import model as models  # noqa: E402
 import sample_data  # noqa: E402
 import train  # noqa: E402
@@ -115,7 +115,7 @@ class Workload:
         torch.manual_seed(0)
         self.model = training.place_model(self.dev, models.create_model(args.model, num_classes=1000))
         self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = training.make_optimizer(self.dev, self.model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.optimizer = training.make_optimizer(self.dev, self.model, optimizers.OptimizerSettings(lr=0.01))
         self.batches = batches_for(self.dev)
         self.batch_size = args.batch_size
 

@@ -127,11 +127,22 @@ def gather(value):
     return values
 
 
-def run(mode, step, make_loader, batch_sizes, warmup, iterations, dev, description, json_path=None):
-    """Measure `step` (training_step or inference_step) at each batch size on `make_loader(batch_size)`'s batches;
-    print the table, write `json_path` (rank 0, when given) and return the report (a dict)."""
+class Plan(NamedTuple):
+    """What a benchmark mode measures: `mode` (MODES), the batch sizes, the warm-up and measured steps at each,
+    and where rank 0 writes the report (None: nowhere)."""
+    mode: str
+    batch_sizes: tuple
+    warmup: int
+    iterations: int
+    json_path: str = None
+
+
+def run(plan, step, make_loader, dev, description):
+    """Measure `step` (training_step or inference_step) as `plan` (Plan) says, on `make_loader(batch_size)`'s
+    batches; print the table, write plan.json_path (rank 0, when given) and return the report (a dict)."""
+    mode, warmup, iterations, json_path = plan.mode, plan.warmup, plan.iterations, plan.json_path
     results = []
-    for batch_size in batch_sizes:
+    for batch_size in plan.batch_sizes:
         measured = measure(step, endless(lambda: make_loader(batch_size)), warmup, iterations, dev)
         result = summarise(measured.step_s, batch_size, measured.window_s)
         per_rank = gather(result['img_per_s'])

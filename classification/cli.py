@@ -111,15 +111,15 @@ def add_image_size_args(parser):
 
 
 def add_compile_arg(parser):
-    """--compile, both trainers: torch.compile the model on cuda and cpu (README, Synthetic data and benchmark
-    modes)."""
+    """--compile, both trainers: torch.compile the model on cuda and cpu (docs/training.md, Synthetic data and
+    benchmark modes)."""
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the model (cuda, cpu; on hpu lazy mode is the graph compiler); the '
                              'first step of each batch shape compiles and is left out of img/s')
 
 
 def add_tensorboard_arg(parser):
-    """Added, both trainers: the metrics file's scalars also as TensorBoard events (README, Metrics file)."""
+    """Added, both trainers: the metrics file's scalars also as TensorBoard events (docs/metrics.md)."""
     parser.add_argument('--tensorboard', action='store_true',
                         help='also write the metrics as TensorBoard scalars into <output-dir>/tensorboard '
                              '(needs the tensorboard package)')
@@ -133,8 +133,8 @@ def compatibility_group(parser):
 
 def add_recipe_args(parser):
     """The recipe flags both trainers take (names from torchvision's references, NVIDIA's main.py and Habana's
-    1.7+ train.py; README, *Recipes*). Their defaults are the 1.4.0 behaviour."""
-    group = parser.add_argument_group('recipes (README, Recipes): schedules, optimizers, regularisation')
+    1.7+ train.py; docs/recipes.md). Their defaults are the 1.4.0 behaviour."""
+    group = parser.add_argument_group('recipes (docs/recipes.md): schedules, optimizers, regularisation')
     group.add_argument('--recipe', default='habana-1.4', metavar='NAME',
                        help='a named recipe, expanded to flags that any flag given here overrides; '
                             '"--recipe list" describes them (default: habana-1.4, the 1.4.0 behaviour)')

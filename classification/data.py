@@ -437,14 +437,15 @@ def worker_options(workers, start_method=None):
                 multiprocessing_context=start_method)
 
 
-def make_loader(dataset, batch_size, sampler, workers, pin_memory, train, start_method=None, seed=0):
-    """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers.
+def make_loader(dataset, sampler, *, train, batch_size, workers, placement, seed=0):
+    """A torch DataLoader as the reference uses it, plus worker seeding and persistent workers; pinned memory
+    and the workers' start method are the device layer's (`placement`, devices.LoaderPlacement).
 
     The loader draws its worker seeds from its own generator, never from the global RNG, so the
     global RNG (dropout) runs the same whether an epoch starts workers afresh or reuses them.
     """
-    extra = dict(pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
-                 **worker_options(workers, start_method))
+    extra = dict(pin_memory=placement.pin_memory, generator=torch.Generator().manual_seed(seed),
+                 **worker_options(workers, placement.worker_start_method))
     if train:
         return SignalSafeLoader(dataset, batch_sampler=samplers.TrainBatchSampler(sampler, batch_size), **extra)
     return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, **extra)

@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,27 @@ class HmpConfig:
     fp32_path: str
     opt_level: str = 'O1'
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The run's device choices, as one value: --device (`kind`), --channels-last, --hmp and its op lists
+    (HmpConfig or None), Habana's lazy mode, the CUDA device of a single-process run (`index`; a launcher's
+    local rank overrides it) and --compile."""
+    kind: str = 'cpu'
+    channels_last: bool = True
+    hmp: HmpConfig = None
+    lazy_mode: bool = True
+    index: int = 0
+    compile: bool = False
+
+
+class LoaderPlacement(NamedTuple):
+    """What the input pipelines take from the device layer: where batches go, whether host memory is pinned
+    for them, and how loader workers start."""
+    device: torch.device
+    pin_memory: bool
+    worker_start_method: str
 
 
 # Where a lazy-mode graph is cut (htcore.mark_step) in train.py 1.4.0, as a function of the run.
@@ -180,6 +202,10 @@ class CPUDevice:
 
     def pin_memory(self):
         return False
+
+    def loader_placement(self):
+        """The input pipelines' LoaderPlacement on this device (after init_distributed: it picks the GPU)."""
+        return LoaderPlacement(self.torch_device, self.pin_memory(), self.worker_start_method)
 
     def rng_state(self):
         """The random generators' state (dropout), saved so that a run resumed mid-epoch repeats."""

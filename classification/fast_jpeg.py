@@ -330,12 +330,14 @@ class NormalizedOnDevice:
             yield torch.addcmul(self.shift, images, self.inv_std), targets.to(self.device, non_blocking=True)
 
 
-def build_loaders(dataset, dataset_test, train_sampler, test_sampler, *, batch_size, workers, device, pin_memory,
-                  start_method, crop_size=224, resize_size=256, val_crop_size=224, seed=0, plain_resize_size=256):
-    """(train loader, validation loader) yielding normalised float images on `device` (channels_last) and
-    int64 targets."""
-    train = TrainBatches(list(dataset.samples), crop_size, seed, plain_resize_size=plain_resize_size)
-    test = EvalBatches(list(dataset_test.samples), resize_size, val_crop_size)
-    return tuple(NormalizedOnDevice(batch_loader(batches, keys, workers, pin_memory, start_method), device)
-                 for batches, keys in ((train, samplers.EpochBatchSampler(train_sampler, batch_size)),
-                                       (test, BatchSampler(test_sampler, batch_size, drop_last=False))))
+def build_loaders(dataset, dataset_test, train_sampler, test_sampler, settings, placement):
+    """(train loader, validation loader) yielding normalised float images on placement.device (channels_last)
+    and int64 targets, with the batch size, workers, crop and resize sizes and seed (loader_seed) of `settings`
+    (loaders.LoaderSettings)."""
+    train = TrainBatches(list(dataset.samples), settings.train_crop_size, settings.loader_seed,
+                         plain_resize_size=settings.plain_resize_size)
+    test = EvalBatches(list(dataset_test.samples), settings.val_resize_size, settings.val_crop_size)
+    return tuple(NormalizedOnDevice(batch_loader(batches, keys, settings.workers, placement.pin_memory,
+                                                 placement.worker_start_method), placement.device)
+                 for batches, keys in ((train, samplers.EpochBatchSampler(train_sampler, settings.batch_size)),
+                                       (test, BatchSampler(test_sampler, settings.batch_size, drop_last=False))))

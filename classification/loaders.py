@@ -9,6 +9,7 @@ ready for the device layer.
 """
 import math
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -97,55 +98,73 @@ def check_augmentation(kind, augmentation, plain_crop_epochs):
                          'the schedule\'s noaug phase; use --dl-worker-type FAST or MP')
 
 
-def build(data_path, *, kind, batch_size, workers, world_size, rank, seed, seeded, device, pin_memory,
-          worker_start_method, train_crop_size=224, val_resize_size=256, val_crop_size=224, cache_dataset=False,
-          output_dir='', loader_seed=0, augmentation=NO_AUGMENTATION, plain_crop_epochs=False,
-          synthetic_images=None):
-    """Loaders for data_path (train/ and val/ class folders).
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What the trainers' data flags ask of the input pipelines, as one value.
 
     seed: the training order's (DistributedSampler's) seed. seeded: each sample's augmentation is drawn from
-    (seed, epoch, index), so runs repeat (the FAST pipeline always does this, from loader_seed). device,
-    pin_memory, worker_start_method: the device layer's (FAST normalises on the device). cache_dataset: keep
-    the file lists under output_dir (--cache-dataset). augmentation: --auto-augment and --random-erase (MP
+    (seed, epoch, index), so runs repeat (the FAST pipeline always does this, from loader_seed). cache_dataset:
+    keep the file lists under output_dir (--cache-dataset). augmentation: --auto-augment and --random-erase (MP
     only). plain_crop_epochs: some epochs train without scale/aspect augmentation (train_sampler.set_epoch's
-    `augment`; an LR-collapse phase), so the MP samples are keyed with the setting.
-    data_path 'synthetic': build_synthetic's loaders (--dl-worker-type and the file options do not apply),
-    an epoch of `synthetic_images` training images (default: ImageNet-1k's 1,281,167).
+    `augment`; an LR-collapse phase), so the MP samples are keyed with the setting. synthetic_images: the
+    training images of a synthetic epoch (default: ImageNet-1k's 1,281,167).
     """
+    kind: str = 'MP'
+    batch_size: int = 32
+    workers: int = 0
+    seed: int = 0
+    seeded: bool = False
+    loader_seed: int = 0
+    train_crop_size: int = 224
+    val_resize_size: int = 256
+    val_crop_size: int = 224
+    cache_dataset: bool = False
+    output_dir: str = ''
+    augmentation: Augmentation = NO_AUGMENTATION
+    plain_crop_epochs: bool = False
+    synthetic_images: int = None
+
+    @property
+    def plain_resize_size(self):
+        """The resize before a plain (unaugmented) training crop: the validation resize, or the crop if larger."""
+        return max(self.val_resize_size, self.train_crop_size)
+
+
+def build(data_path, settings, ranks, placement):
+    """Loaders for data_path (train/ and val/ class folders) as `settings` (LoaderSettings) ask, for this rank of
+    `ranks` (distributed.Ranks: rank, world_size), on the device layer's `placement` (devices.LoaderPlacement:
+    FAST normalises on the device). data_path 'synthetic': build_synthetic's loaders (--dl-worker-type and the
+    file options do not apply)."""
     if data_path == SYNTHETIC:
-        return build_synthetic(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, device=device,
-                               train_crop_size=train_crop_size, val_crop_size=val_crop_size,
-                               train_images=synthetic_images)
-    kind = resolve_kind(kind)
-    check_augmentation(kind, augmentation, plain_crop_epochs)
-    cache_dir = data.dataset_cache_dir(output_dir) if cache_dataset else None
-    dataset, dataset_test = load_datasets(data_path, train_crop_size=train_crop_size, val_resize_size=val_resize_size,
-                                          val_crop_size=val_crop_size, cache_dir=cache_dir, is_main=rank == 0,
-                                          augmentation=augmentation)
+        return build_synthetic(settings, ranks, placement.device)
+    kind = resolve_kind(settings.kind)
+    check_augmentation(kind, settings.augmentation, settings.plain_crop_epochs)
+    cache_dir = data.dataset_cache_dir(settings.output_dir) if settings.cache_dataset else None
+    dataset, dataset_test = load_datasets(data_path, train_crop_size=settings.train_crop_size,
+                                          val_resize_size=settings.val_resize_size,
+                                          val_crop_size=settings.val_crop_size, cache_dir=cache_dir,
+                                          is_main=ranks.rank == 0, augmentation=settings.augmentation)
     print('Creating data loaders')
-    plain_resize_size = max(val_resize_size, train_crop_size)
-    keyed_mp = kind == 'MP' and (seeded or plain_crop_epochs)
-    train_sampler = samplers.train_sampler(dataset, world_size, rank, seed, keyed_mp)
-    test_sampler = samplers.ShardedEvalSampler(len(dataset_test), world_size, rank)
+    keyed_mp = kind == 'MP' and (settings.seeded or settings.plain_crop_epochs)
+    train_sampler = samplers.train_sampler(dataset, ranks.world_size, ranks.rank, settings.seed, keyed_mp)
+    test_sampler = samplers.ShardedEvalSampler(len(dataset_test), ranks.world_size, ranks.rank)
     classes = list(dataset.classes)
     if keyed_mp:
-        dataset = samplers.SeededAugmentation(dataset, seed if seeded else None,
-                                              data.plain_crop_transform(plain_resize_size, train_crop_size))
+        dataset = samplers.SeededAugmentation(dataset, settings.seed if settings.seeded else None,
+                                              data.plain_crop_transform(settings.plain_resize_size,
+                                                                        settings.train_crop_size))
+    splits = ((dataset, train_sampler, True), (dataset_test, test_sampler, False))
     if kind == 'HABANA':
         loader_class = habana_dataloader_class()
-        train, val = (loader_class(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=True,
-                                   drop_last=drop_last)
-                      for ds, sampler, drop_last in ((dataset, train_sampler, True), (dataset_test, test_sampler, False)))
+        train, val = (loader_class(ds, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
+                                   pin_memory=True, drop_last=is_train)
+                      for ds, sampler, is_train in splits)
     elif kind == 'FAST':
-        train, val = fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, batch_size=batch_size,
-                                             workers=workers, device=device, pin_memory=pin_memory,
-                                             start_method=worker_start_method, crop_size=train_crop_size,
-                                             resize_size=val_resize_size, val_crop_size=val_crop_size, seed=loader_seed,
-                                             plain_resize_size=plain_resize_size)
+        train, val = fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, settings, placement)
     else:
-        train, val = (data.make_loader(ds, batch_size, sampler, workers, pin_memory, is_train, worker_start_method,
-                                       loader_seed)
-                      for ds, sampler, is_train in ((dataset, train_sampler, True), (dataset_test, test_sampler, False)))
+        train, val = (data.make_loader(ds, sampler, train=is_train, batch_size=settings.batch_size,
+                                       workers=settings.workers, placement=placement, seed=settings.loader_seed)
+                      for ds, sampler, is_train in splits)
     return Loaders(classes, train_sampler, train, val, kind)
 
 
@@ -174,20 +193,22 @@ class SyntheticBatches:
             yield self.images[:size], self.targets[:size]
 
 
-def build_synthetic(*, batch_size, world_size, rank, seed, device, train_crop_size=224, val_crop_size=224,
-                    train_images=None, val_images=IMAGENET_VAL_IMAGES):
-    """Loaders of synthetic data: each rank its share of an epoch of `train_images` training images (ImageNet's
-    1,281,167 by default; --num-train-steps shortens it as for real data) and of `val_images` validation ones,
-    through the samplers real data uses (so resume and the step counts behave the same), labels in
+def build_synthetic(settings, ranks, device, val_images=IMAGENET_VAL_IMAGES):
+    """Loaders of synthetic data on `device`: each rank of `ranks` its share of an epoch of
+    settings.synthetic_images training images (ImageNet's 1,281,167 by default; --num-train-steps shortens it
+    as for real data) and of `val_images` validation ones, in batches of settings.batch_size at the settings'
+    crop sizes, through the samplers real data uses (so resume and the step counts behave the same), labels in
     [0, 1000). The uint8 batches are normalised on the device as FAST's (fast_jpeg.NormalizedOnDevice)."""
-    train_images = train_images or schedules.IMAGENET_TRAIN_IMAGES
+    train_images = settings.synthetic_images or schedules.IMAGENET_TRAIN_IMAGES
     print(f'Synthetic data: {train_images} training and {val_images} validation images per epoch, '
           f'{SYNTHETIC_CLASSES} classes, one random batch made once on {device}; no files are read (so '
           '--dl-worker-type, --workers, --cache-dataset and the augmentation flags do not apply)')
-    train_sampler = samplers.TrainSampler(train_images, world_size, rank, seed)
-    val_sampler = samplers.ShardedEvalSampler(val_images, world_size, rank)
-    train = SyntheticBatches(train_sampler, batch_size, train_crop_size, device, seed, train=True)
-    val = SyntheticBatches(val_sampler, batch_size, val_crop_size, device, seed + 1, train=False)
+    train_sampler = samplers.TrainSampler(train_images, ranks.world_size, ranks.rank, settings.seed)
+    val_sampler = samplers.ShardedEvalSampler(val_images, ranks.world_size, ranks.rank)
+    train = SyntheticBatches(train_sampler, settings.batch_size, settings.train_crop_size, device, settings.seed,
+                             train=True)
+    val = SyntheticBatches(val_sampler, settings.batch_size, settings.val_crop_size, device, settings.seed + 1,
+                           train=False)
     classes = [f'synthetic_{i}' for i in range(SYNTHETIC_CLASSES)]
     return Loaders(classes, train_sampler, fast_jpeg.NormalizedOnDevice(train, device),
                    fast_jpeg.NormalizedOnDevice(val, device), 'SYNTHETIC')

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import weakref
+from typing import NamedTuple
 
 from . import REPO_ROOT
 from .cli import UsageError
@@ -53,6 +54,17 @@ def git_commit(folder=HERE):
     if result.returncode != 0 or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(folder):
         return None
     return lines[1]
+
+
+class RunStart(NamedTuple):
+    """Where a run starts: its first epoch, the samples of that epoch's order already trained, and the
+    checkpoint it resumes from (None: none)."""
+    epoch: int = 0
+    position: int = 0
+    checkpoint: str = None
+
+
+FROM_THE_START = RunStart()
 
 
 class NoMetrics:
@@ -124,13 +136,14 @@ class MetricsFile(NoMetrics):
         print(f'warning: could not write {self.path}: {err}; the run goes on without its metrics file',
               file=sys.stderr, flush=True)
 
-    def header(self, *, args, recipe, device, world_size, batch_size, steps_per_epoch, start_epoch=0, resume=None,
-               resume_position=0, test_only=False):
+    def header(self, *, args, recipe, device, world_size, batch_size, steps_per_epoch, start=FROM_THE_START,
+               test_only=False):
         """The run's identity: command line, parsed arguments (`args`: a plain dict, checkpoints.plain_args),
-        recipe, code and library versions, device, ranks and batch; for a resume (`resume`: the checkpoint's
-        path), the epoch and step it continues at (`resume_position`: samples of that epoch trained)."""
+        recipe, code and library versions, device, ranks and batch, and where it starts (`start`: RunStart);
+        for a resume, the checkpoint and the epoch and step it continues at."""
         import torch
         import torchvision
+        start_epoch, resume_position, resume = start
         self.world_size, self.global_batch = world_size, world_size * batch_size
         self.steps_per_epoch = steps_per_epoch
         first_step = resume_position // self.global_batch

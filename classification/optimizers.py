@@ -7,12 +7,28 @@ on CPU, CUDA and HPU tensors alike. `param_groups` splits a model's parameters a
 parameters LARS scales and the normalisation-layer parameters and biases it skips. `lars_skip_mask` and
 `single_group` give the same split in the shape Habana's FusedLars takes; `describe` is the start-up line.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 # The layers torchvision's set_weight_decay counts as normalisation (norm_classes' default).
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
                nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer flags as one value: --lr, --momentum, --weight-decay, --optimizer (`kind`: sgd or lars),
+    --nesterov, --norm-weight-decay, --bias-weight-decay (None: as --weight-decay) and LARS's trust coefficient."""
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    kind: str = 'sgd'
+    nesterov: bool = False
+    norm_weight_decay: float = None
+    bias_weight_decay: float = None
+    trust_coefficient: float = 0.001
 
 
 # --- LARS -------------------------------------------------------------------------------------------------------

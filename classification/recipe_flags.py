@@ -6,7 +6,9 @@ as upstream's train.py reads it.
 import shlex
 import sys
 
-from . import distributed, loaders, recipes, schedules, training
+import torch
+
+from . import distributed, loaders, optimizers, recipes, schedules, training
 from .cli import UsageError
 
 
@@ -57,6 +59,18 @@ def has_plain_crop_epochs(args):
     return any(not phase.augment for phase in schedule_config(args).phases)
 
 
+def loader_settings(args, *, seed, seeded, batch_size, cache_dataset=False):
+    """loaders.LoaderSettings of a trainer's data flags. `seed` orders the training samples; `seeded` also draws
+    each sample's augmentation from it (train.py's --deterministic, main.py's --seed), else the loaders' own
+    seed is drawn from the global RNG."""
+    return loaders.LoaderSettings(
+        kind=args.dl_worker_type, batch_size=batch_size, workers=args.workers, seed=seed, seeded=seeded,
+        loader_seed=seed if seeded else int(torch.randint(2 ** 31, ()).item()),
+        train_crop_size=args.train_crop_size, val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
+        cache_dataset=cache_dataset, output_dir=args.output_dir, augmentation=augmentation(args),
+        plain_crop_epochs=has_plain_crop_epochs(args), synthetic_images=args.dataset_size)
+
+
 def check(args):
     """Refuse recipe flags that cannot work, before any data is read or any file written."""
     from . import data
@@ -97,9 +111,11 @@ def check(args):
 
 def make_optimizer(dev, model, args):
     """training.make_optimizer with --optimizer, --nesterov, the weight-decay groups and LARS's trust coefficient."""
-    return training.make_optimizer(dev, model, args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
-                                   nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
-                                   bias_weight_decay=args.bias_weight_decay, trust_coefficient=args.lars_trust_coefficient)
+    settings = optimizers.OptimizerSettings(args.lr, args.momentum, args.weight_decay, kind=args.optimizer,
+                                            nesterov=args.nesterov, norm_weight_decay=args.norm_weight_decay,
+                                            bias_weight_decay=args.bias_weight_decay,
+                                            trust_coefficient=args.lars_trust_coefficient)
+    return training.make_optimizer(dev, model, settings)
 
 
 def make_extras(args, schedule, model_without_ddp, num_classes, global_batch):

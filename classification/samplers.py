@@ -3,7 +3,7 @@ epoch position a mid-epoch stop records, and per-sample, per-epoch and per-worke
 
 Every random draw of the input pipeline depends only on (seed, epoch, sample index), never on the number
 of loader workers or the order in which they run, so that a run repeats and a resumed run continues
-exactly (README, *Determinism* and *Where a resume continues*).
+exactly (docs/data.md, *Determinism*, and docs/guarantees.md, *Where a resume continues*).
 """
 import itertools
 import math

@@ -35,13 +35,14 @@ def hmp_config(enabled, bf16_path, fp32_path, opt_level='O1', verbose=False):
     return devices.HmpConfig(bf16_path, fp32_path, opt_level, verbose) if enabled else None
 
 
-def start(device, *, output_dir, writes, dist_url, dist_timeout, channels_last=True, hmp=None, lazy_mode=True,
-          index=0, compile=False):
-    """The device, the output folder (created, probed and locked on the rank that writes; `writes` is False
-    for a run that only evaluates) and the process group, in that order. Returns (device layer, Ranks).
-    `compile` (--compile) is refused here, before anything is read, on a device that cannot run it."""
-    dev = devices.create(device, channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode, index=index)
-    if compile and dev.compile_refusal:
+def start(device, *, output_dir, writes, dist_url, dist_timeout):
+    """The device (`device`: devices.DeviceSettings), the output folder (created, probed and locked on the rank
+    that writes; `writes` is False for a run that only evaluates) and the process group, in that order.
+    Returns (device layer, Ranks). --compile is refused here, before anything is read, on a device that cannot
+    run it."""
+    dev = devices.create(device.kind, channels_last=device.channels_last, hmp=device.hmp, lazy_mode=device.lazy_mode,
+                         index=device.index)
+    if device.compile and dev.compile_refusal:
         raise UsageError(dev.compile_refusal)
     checkpoints.prepare_output_dir(output_dir, writes=writes)
     ranks = distributed.start(dist_url, dist_timeout, dev.init_distributed)
@@ -72,19 +73,22 @@ def place_model(dev, model, sync_bn=False, distributed=False):
     return model
 
 
-def make_optimizer(dev, model, lr, momentum, weight_decay, *, kind='sgd', nesterov=False, norm_weight_decay=None,
-                   bias_weight_decay=None, trust_coefficient=0.001):
+def make_optimizer(dev, model, settings):
     """The device's SGD or LARS (fused where it has one) over the model's parameter groups (optimizers.py: one
-    group by default; --norm-weight-decay, --bias-weight-decay and LARS split them), laid out for the device."""
+    group by default; --norm-weight-decay, --bias-weight-decay and LARS split them), laid out for the device.
+    `settings`: optimizers.OptimizerSettings."""
+    lars = settings.kind == 'lars'
     try:
-        groups = optimizers.param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay, kind == 'lars')
+        groups = optimizers.param_groups(model, settings.weight_decay, settings.norm_weight_decay,
+                                         settings.bias_weight_decay, lars)
     except ValueError as err:
         raise UsageError(f'--optimizer lars: {err}') from None
     if len(groups) > 1:
         print('Optimizer groups: ' + optimizers.describe(groups))
     groups = [{k: v for k, v in group.items() if k != 'names'} for group in groups]  # the default stays as before
-    optimizer = dev.make_optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, kind=kind,
-                                   nesterov=nesterov, trust_coefficient=trust_coefficient)
+    optimizer = dev.make_optimizer(groups, lr=settings.lr, momentum=settings.momentum,
+                                   weight_decay=settings.weight_decay, kind=settings.kind, nesterov=settings.nesterov,
+                                   trust_coefficient=settings.trust_coefficient)
     dev.after_optimizer_created(model, optimizer)
     return optimizer
 
@@ -318,16 +322,17 @@ def schedule_fields(schedule, ema=None):
     return fields
 
 
-def save_checkpoint(dev, model_without_ddp, optimizer, model_name, num_classes, fields, paths, *, model_key='model',
-                    position=None, classes=None):
+def save_checkpoint(dev, model_without_ddp, optimizer, fields, paths, *, model_name, classes, model_key='model',
+                    position=None):
     """Write the checkpoint to each of `paths` (rank 0, atomically): the model under `model_key`, the optimizer,
-    the trainer's `fields` and the identity stamp (with the class names in label order, `classes`); after a mid-epoch stop (at `position`, samples of the epoch's
-    order trained), also what a resume needs to continue exactly. Returns the first path."""
+    the trainer's `fields` and the identity stamp (`model_name`, and the class names in label order, `classes`);
+    after a mid-epoch stop (at `position`, samples of the epoch's order trained), also what a resume needs to
+    continue exactly. Returns the first path."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         if fields.get('model_ema') is not None:
             fields = dict(fields, model_ema=dev.module_state(fields['model_ema']))
         checkpoint = checkpoints.stamp({model_key: model_state, 'optimizer': optimizer_state, **fields},
-                                       model_name, num_classes, classes)
+                                       model_name, len(classes), classes)
         if position is not None:
             checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
         checkpoints.save(checkpoint, *paths)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import mpirun_prefix, run_in_process, run_script
 
-from classification import benchmark_modes, data, devices, loaders
+from classification import benchmark_modes, data, devices, distributed, loaders
 import main as googlenet_trainer
 import train
 from classification.cli import UsageError
@@ -19,9 +19,11 @@ TINY = ['--device', 'cpu', '--model', 'resnet18', '--workers', '0', '--train-cro
 
 
 def synthetic(world_size=1, rank=0, batch_size=8, images=None):
-    return loaders.build(loaders.SYNTHETIC, kind='MP', batch_size=batch_size, workers=0, world_size=world_size,
-                         rank=rank, seed=1, seeded=False, device=torch.device('cpu'), pin_memory=False,
-                         worker_start_method=None, train_crop_size=32, val_crop_size=24, synthetic_images=images)
+    settings = loaders.LoaderSettings(batch_size=batch_size, seed=1, train_crop_size=32, val_crop_size=24,
+                                      synthetic_images=images)
+    ranks = distributed.Ranks(rank=rank, world_size=world_size, local_rank=rank, distributed=world_size > 1)
+    placement = devices.LoaderPlacement(torch.device('cpu'), pin_memory=False, worker_start_method=None)
+    return loaders.build(loaders.SYNTHETIC, settings, ranks, placement)
 
 
 def test_synthetic_batches_are_one_normalised_uint8_batch_of_the_right_shape_with_imagenet_steps():

@@ -16,6 +16,7 @@ from torchvision.transforms import functional as TF
 from conftest import TINY_IMAGES, run_script
 
 from classification import data, devices, fast_jpeg, samplers
+from classification.loaders import LoaderSettings
 
 CROP, RESIZE, VAL_CROP = 32, 40, 32  # TINY_IMAGES
 
@@ -32,10 +33,9 @@ def loaders(root, batch_size=8, workers=0, seed=3, num_replicas=1, rank=0, norma
     sampler = DistributedSampler(train, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
     test_sampler = samplers.ShardedEvalSampler(len(val), num_replicas, rank)
     dev = devices.create('cpu')
-    built = fast_jpeg.build_loaders(train, val, sampler, test_sampler, batch_size=batch_size, workers=workers,
-                                    device=dev.torch_device, pin_memory=dev.pin_memory(),
-                                    start_method=dev.worker_start_method, crop_size=CROP, resize_size=RESIZE,
-                                    val_crop_size=VAL_CROP, seed=seed)
+    settings = LoaderSettings(kind='FAST', batch_size=batch_size, workers=workers, loader_seed=seed,
+                              train_crop_size=CROP, val_resize_size=RESIZE, val_crop_size=VAL_CROP)
+    built = fast_jpeg.build_loaders(train, val, sampler, test_sampler, settings, dev.loader_placement())
     train_loader, val_loader = built if normalised else (loader.loader for loader in built)
     return train_loader, val_loader, sampler
 

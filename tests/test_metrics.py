@@ -1,4 +1,4 @@
-"""The metrics file (metrics.jsonl), its curves (plot_metrics.py) and --tensorboard (README: Metrics file,
+"""The metrics file (metrics.jsonl), its curves (plot_metrics.py) and --tensorboard (docs/metrics.md: Metrics file,
 curves and TensorBoard): records written by real runs of both trainers, read back; a stopped and resumed run;
 the writer's guarantees (whole lines only, nothing on other ranks or without --output-dir)."""
 import json
@@ -77,7 +77,7 @@ def test_records_carry_the_dllogger_names_all_ranks_figures_and_strict_json(tmp_
     assert (epoch['train.images'], epoch['train.total_ips'], epoch['epoch_time']) == (48, 24.0, 2.5)
 
     again = metrics.MetricsFile(str(tmp_path / 'metrics.jsonl'))  # a resumed run appends
-    again.header(**header_values(start_epoch=1, resume=str(tmp_path / 'checkpoint.pth'), resume_position=16))
+    again.header(**header_values(start=metrics.RunStart(1, 16, str(tmp_path / 'checkpoint.pth'))))
     again.close()
     resumed = records(tmp_path)[-1]
     assert len(records(tmp_path)) == 7

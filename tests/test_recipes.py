@@ -1,7 +1,7 @@
 """Recipes: the schedules against the formulas and tables of their sources, named recipes and their overrides,
 mixup/cutmix/label smoothing against torchvision's and torch's own, EMA against its formula, the phase without
 scale/aspect augmentation in both pipelines, and resume exactness of every schedule (in-process here; real
-SIGTERM-and-resume runs at the end, slow tier). README: Recipes."""
+SIGTERM-and-resume runs at the end, slow tier). docs/recipes.md."""
 import functools
 import math
 import os
@@ -17,7 +17,8 @@ from torchvision.transforms import v2
 
 from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, start_process
 
-from classification import data, devices, fast_jpeg, launcher, loaders, recipe_flags, recipes, samplers, schedules, training
+from classification import (data, devices, distributed, fast_jpeg, launcher, loaders, optimizers, recipe_flags, recipes,
+                            samplers, schedules, training)
 import main as main_trainer
 import train
 from classification.cli import UsageError
@@ -377,9 +378,10 @@ def as_pixels(normalised):
 @pytest.mark.parametrize('kind', ['MP', 'FAST'])
 def test_plain_crop_epochs_turn_off_scale_and_aspect_augmentation(jpeg_dataset, kind):
     """With 2 persistent loader workers, started in the plain epoch: the next epoch augments again."""
-    built = loaders.build(jpeg_dataset, kind=kind, batch_size=4, workers=2, world_size=1, rank=0, seed=3,
-                          seeded=False, device=torch.device('cpu'), pin_memory=False, worker_start_method='forkserver',
-                          train_crop_size=32, val_resize_size=40, val_crop_size=32, plain_crop_epochs=True)
+    settings = loaders.LoaderSettings(kind=kind, batch_size=4, workers=2, seed=3, train_crop_size=32,
+                                      val_resize_size=40, val_crop_size=32, plain_crop_epochs=True)
+    placement = devices.LoaderPlacement(torch.device('cpu'), pin_memory=False, worker_start_method='forkserver')
+    built = loaders.build(jpeg_dataset, settings, distributed.Ranks(0, 1, 0, False), placement)
     folder = data.image_folder(os.path.join(jpeg_dataset, 'train'), None)
     sampler = built.train_sampler
     for augment in (False, True):
@@ -446,11 +448,11 @@ def test_sigterm_and_resume_with_recipe_pieces_end_with_the_same_weights(jpeg_da
 def test_a_resume_with_other_optimizer_groups_is_one_line():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     dev = devices.create('cpu', channels_last=False)
-    split = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4, norm_weight_decay=0.0)
-    plain = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4)
+    split = training.make_optimizer(dev, model, optimizers.OptimizerSettings(0.1, 0.9, 1e-4, norm_weight_decay=0.0))
+    plain = training.make_optimizer(dev, model, optimizers.OptimizerSettings(0.1, 0.9, 1e-4))
     with pytest.raises(UsageError, match=r'groups of \[\(2, False\), \(2, False\)\].*this run.s \[\(4, False\)\]'):
         training.check_optimizer_state(split.state_dict(), plain)
-    lars = training.make_optimizer(dev, model, 0.1, 0.9, 1e-4, kind='lars')
+    lars = training.make_optimizer(dev, model, optimizers.OptimizerSettings(0.1, 0.9, 1e-4, kind='lars'))
     with pytest.raises(UsageError, match='--optimizer'):
         training.check_optimizer_state(lars.state_dict(), split)
     training.check_optimizer_state(plain.state_dict(), plain)
