@@ -1,4 +1,4 @@
-"""Draw the curves of one or more runs from their metrics files (metrics.jsonl, README: Metrics file).
+"""Draw the curves of one or more runs from their metrics files (metrics.jsonl, docs/metrics.md).
 
     python plot_metrics.py runs/a runs/b/metrics.jsonl --output curves.png
 

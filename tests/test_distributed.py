@@ -68,7 +68,7 @@ def test_ddp_buckets_are_the_sizes_the_original_meant(model_name, bucket_mb):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Start-up: which variables were read, where the ranks meet, how long they wait (README: Guarantees)
+# Start-up: which variables were read, where the ranks meet, how long they wait (docs/guarantees.md)
 
 def test_the_variables_line_names_the_launcher_variables_that_were_read():
     environ = {'SLURM_PROCID': '0', 'SLURM_NTASKS': '2', 'SLURM_JOB_ID': '77', 'HOME': '/root'}

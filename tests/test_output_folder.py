@@ -1,4 +1,4 @@
-"""--output-dir in real conditions (README: Guarantees): a file in the way, a read-only or full disk, two
+"""--output-dir in real conditions (docs/guarantees.md): a file in the way, a read-only or full disk, two
 runs sharing one folder, and checkpoints written by the originals' scripts."""
 import argparse
 import hashlib

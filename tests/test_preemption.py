@@ -1,6 +1,6 @@
 """Preemption: a stop signal saves within two steps and a resume continues at the same place, under the
 conditions of real runs (loader workers, print-freq above 1, both loaders, 2 ranks through the demo wrapper
-and through plain mpirun, resume with another world size or batch size). README: Guarantees."""
+and through plain mpirun, resume with another world size or batch size). docs/guarantees.md."""
 import os
 import re
 import signal

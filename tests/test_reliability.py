@@ -1,4 +1,4 @@
-"""Bad input gets one clear line; faults lose nothing; jobs never hang (README: Guarantees)."""
+"""Bad input gets one clear line; faults lose nothing; jobs never hang (docs/guarantees.md)."""
 import hashlib
 import os
 import re
