@@ -1,6 +1,7 @@
 """The layout: the top level holds the scripts users run, utils.py, model/ and one package, classification/; no
-module of the package imports a script; the imports of our modules form no cycle, and docs/layout.md's
-import graph is the one the source has. Reads files only (quick tier)."""
+module of the package imports a script; the imports of our modules form no cycle; docs/layout.md's import
+graph is the one the source has; no function of the package takes more than nine parameters. Reads files only
+(quick tier)."""
 import ast
 import pathlib
 
@@ -108,3 +109,18 @@ def test_docs_layout_shows_the_import_graph_the_source_has():
     expected = graph_lines(import_graph())
     assert documented_graph_lines() == expected, (
         f'{LAYOUT_DOC.relative_to(REPO)} under "{GRAPH_HEADING}" should read:\n' + '\n'.join(expected))
+
+
+MOST_PARAMETERS = 9  # values that travel together go as one settings value (loaders.LoaderSettings, ...)
+
+
+def test_no_function_of_the_package_takes_more_than_nine_parameters():
+    long_lists = []
+    for name in package_modules():
+        for node in ast.walk(ast.parse((REPO / PACKAGE / f'{name}.py').read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                count = len(arguments) - (bool(arguments) and arguments[0].arg in ('self', 'cls'))
+                if count > MOST_PARAMETERS:
+                    long_lists.append(f'{PACKAGE}/{name}.py:{node.lineno} {node.name}: {count} parameters')
+    assert not long_lists, '\n'.join(long_lists)
