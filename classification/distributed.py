@@ -485,13 +485,23 @@ def peer_ended(err):
     return found.group(0) if found else None
 
 
+def end_process_groups():
+    """Destroy the process groups of a run that ended as planned. Left to the interpreter's exit, gloo's worker
+    threads can abort a rank that finished ("terminate called without an active exception", exit 134: seen on
+    rank 1 of a finished 2-rank run; pytorch issue 190489)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def reporting_stopped_peers(main):
     """`main`, where a collective that fails because another rank stopped answering (a timeout) or ended
     (its connection closed) ends the run with one line instead of a traceback: exit status 1."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            end_process_groups()
+            return result
         except RuntimeError as err:  # gloo's errors and torch's DistError family
             if _heartbeat is None:
                 raise
