@@ -313,10 +313,6 @@ class HPUDevice(CPUDevice):
     def torch_device(self):
         return torch.device('hpu')
 
-    @property
-    def collective_device(self):
-        return self.torch_device
-
     def name(self):
         return 'hpu'
 
