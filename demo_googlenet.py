@@ -22,7 +22,8 @@ PRINT_NAMESPACE = False  # as the original, which does not print its parsed argu
 def build_parser():
     parser = launcher.demo_parser('GoogLeNet training on Gaudi (hpu), CUDA or CPU through main.py')
     parser.add_argument('--amp', action='store_true',
-                        help='apex mixed precision (refused by main.py: apex is not supported; use --data-type bf16)')
+                        help="main.py's --amp: torch.autocast mixed precision, float16 with loss scaling (GPUs; not "
+                             'with --data-type bf16, which is --hmp)')
     parser.add_argument('-b', '--batch-size', default=256, type=int, help='batch size per device')
     parser.add_argument('--data-path', default=launcher.ORIGINAL_DEFAULT_DATA_PATH, help='dataset (train/ and val/)')
     parser.add_argument('--data-type', default='fp32', choices=('fp32', 'bf16'), help='bf16: mixed precision')

@@ -25,8 +25,9 @@ TORCH_DEVICE_KIND = {'cpu': 'cpu', 'gpu': 'cuda', 'hpu': 'hpu'}  # --device gpu 
 AUX_LOSS_WEIGHT = 0.3  # "Going Deeper with Convolutions", section 5
 WARM_UP_WINDOWS = 2  # print windows left out of the time and throughput averages at start-up
 GOOGLENET_MIN_INPUT = 15  # pixels; smaller images shrink to nothing in GoogLeNet's pooling layers
-# The original GoogLeNet trainer's DDP settings (200 MB gradient buckets, gradients as bucket views).
-DDP_SETTINGS = dict(bucket_cap_mb=200, gradient_as_bucket_view=True)
+# The original GoogLeNet trainer's DDP settings: gradients as bucket views, and on hpu 200 MB buckets (chosen for
+# HCCL; on cuda and cpu torch's default unless --bucket-cap-mb).
+DDP_SETTINGS = dict(habana_bucket_cap_mb=200, gradient_as_bucket_view=True)
 
 
 class AverageMeter(utils.SmoothedValue):
@@ -103,10 +104,14 @@ def loss_and_accuracy_meters():
     return AverageMeter('Loss', ':.4e'), AverageMeter('Acc@1', ':0.2f'), AverageMeter('Acc@5', ':0.2f')
 
 
-def update_accuracy(top1, top5, logits, target):
-    acc1, acc5 = utils.accuracy(logits, target, topk=(1, 5))
-    top1.update(acc1.item(), target.shape[0])
-    top5.update(acc5.item(), target.shape[0])
+def batch_accuracy(dev, logits, target):
+    """(top-1, top-5) of a batch as 0-d tensors: where the logits are, or on the CPU on hpu (Habana's copy)."""
+    return utils.accuracy(logits, target, topk=(1, 5), on_host=not dev.accuracy_on_device)
+
+
+def update_accuracy(top1, top5, acc1, acc5, batch_size):
+    top1.update(acc1, batch_size)
+    top5.update(acc5, batch_size)
 
 
 def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval, *, num_train_steps=sys.maxsize,
@@ -129,7 +134,7 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
 
     model.train()
     window = PrintWindow()
-    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device)
+    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device, dev.scaler)
     for i, (images, target) in enumerate(train_loader, start=first_step):
         distributed.progress(epoch, i)
         images, target = dev.to_device(images, target)
@@ -147,10 +152,10 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
 
         printed = (i - first_step) % print_interval == 0
         if printed:
-            nonfinite.check(epoch)
-            loss_value = loss.item()
+            loss_value, acc1, acc5 = training.logged_figures(dev, nonfinite, epoch, loss,
+                                                             *batch_accuracy(dev, main_logits(output), target))
             losses.update(loss_value, images.shape[0])
-            update_accuracy(top1, top5, main_logits(output), target)
+            update_accuracy(top1, top5, acc1, acc5, target.shape[0])
             times = window.times()
             batch_time.update(times.batch_time)
             compute_rate.update(times.compute_images_per_s)
@@ -164,7 +169,7 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
             return window.total_images, i + 1
         if i + 1 >= num_train_steps:
             break
-    nonfinite.check(epoch)
+    nonfinite.check(epoch, model)
     return window.total_images, None
 
 
@@ -189,10 +194,13 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
             with dev.autocast():
                 output = model(images)
                 loss = criterion(output, target)
-            update_accuracy(top1, top5, output, target)  # every batch, so the summary is exact
+            printed = i % print_interval == 0
+            # every batch's accuracy, so the summary is exact; the batch's figures in one read of the device
+            figures = dev.read_scalars([*batch_accuracy(dev, output, target)] + ([loss] if printed else []))
+            update_accuracy(top1, top5, figures[0], figures[1], target.shape[0])
             window.step_done(images.shape[0])
-            if i % print_interval == 0:
-                losses.update(loss.item(), images.shape[0])
+            if printed:
+                losses.update(figures[2], images.shape[0])
                 times = window.times()
                 batch_time.update(times.batch_time)
                 rate.update(times.images_per_s)
@@ -302,9 +310,8 @@ def check_args(args):
     training.check_model_and_resume(args.model, args.resume)
     recipe_flags.check(args)
     metrics.check_tensorboard(args.tensorboard, args.output_dir)
-    if args.is_amp:
-        raise UsageError('--amp: NVIDIA apex is not supported by this port; use --hmp (the op-list bf16 '
-                         'mixed precision) on hpu, gpu and cpu')
+    training.check_precision(TORCH_DEVICE_KIND[args.device], training.amp_dtype(args.is_amp, args.amp_dtype),
+                             args.is_hmp)
 
 
 def main(args):
@@ -313,7 +320,9 @@ def main(args):
         return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size))
     hmp = training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level, args.hmp_verbose)
     device = devices.DeviceSettings(TORCH_DEVICE_KIND[args.device], channels_last=True, hmp=hmp,
-                                    lazy_mode=args.enable_lazy, index=args.gpu, compile=args.compile)
+                                    lazy_mode=args.enable_lazy, index=args.gpu, compile=args.compile,
+                                    amp_dtype=training.amp_dtype(args.is_amp, args.amp_dtype), tf32=args.tf32,
+                                    deterministic=args.seed is not None)
     dev, ranks = training.start(device, output_dir=args.output_dir, writes=not args.evaluate, dist_url=args.dist_url,
                                 dist_timeout=args.dist_timeout)
     vars(args).update(ranks._asdict())  # for print(args), as the original's distributed set-up
@@ -322,6 +331,9 @@ def main(args):
     print('Using', dev.torch_device)
     if args.seed is not None:
         training.seed_everything(args.seed, deterministic=True)
+        if dev.kind == 'cuda':
+            from classification import determinism
+            print(determinism.SEED_WARNING, file=sys.stderr)
 
     dataset = load_data(args, dev, ranks)
     args.dl_worker_type = dataset.kind  # the loader that really runs
@@ -336,7 +348,8 @@ def main(args):
     global_batch = ranks.world_size * args.batch_size
     schedule = recipe_flags.make_schedule(optimizer, args, len(train_loader), global_batch)
 
-    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, **DDP_SETTINGS)
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, args.bucket_cap_mb,
+                                                 **DDP_SETTINGS)
     model = training.compile_model(dev, model, args.compile)
     extras = recipe_flags.make_extras(args, schedule, model_without_ddp, num_classes, global_batch)
     ema = extras.ema
@@ -348,6 +361,7 @@ def main(args):
 
     metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
     metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
+                        precision=dev.precision_settings(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(train_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
@@ -421,7 +435,7 @@ def main(args):
 def get_args_parser(add_help=True):
     parser = cli.ArgumentParser(description='PyTorch GoogleNet Training', add_help=add_help)
     parser.add_argument('--amp', dest='is_amp', action='store_true',
-                        help='enable GPU apex amp mode (not supported; use --hmp)')
+                        help='enable GPU amp mode: torch.autocast (--amp-dtype; float16 with a GradScaler), gpu and cpu')
     parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
                         help='per-process mini-batch size (default: 256)')
     parser.add_argument('--data-path', metavar='DIR', required=True,
@@ -443,6 +457,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--gpu', default=0, type=int, metavar='N',
                         help='CUDA device of a single-process --device gpu run')
     cli.add_hmp_args(parser, os.path.join(HERE, 'ops_bf16_googlenet.txt'), os.path.join(HERE, 'ops_fp32_googlenet.txt'))
+    cli.add_precision_and_gpu_args(parser)
     parser.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR',
                         help='initial learning rate', dest='lr')
     parser.add_argument('--lr-step-size', default=30, type=int, help='decrease lr every step-size epochs')

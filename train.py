@@ -39,7 +39,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
 
     header = f'Epoch: [{epoch}]'
     throughput = utils.ThroughputWindow()
-    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device)
+    nonfinite = stopping.NonFiniteLossWatch(dev.torch_device, dev.scaler)
     batches = metric_logger.log_every(data_loader, print_freq, header, max_steps=num_train_steps - first_step)
     for step, (image, target) in enumerate(batches, start=first_step):
         distributed.progress(epoch, step)
@@ -55,10 +55,9 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
         nonfinite.track(loss, step, lr)
 
         if (step - first_step) % print_freq == 0:
-            nonfinite.check(epoch)
-            acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
+            acc1, acc5 = utils.accuracy(output, target, topk=(1, 5), on_host=not dev.accuracy_on_device)
             batch_size = throughput.images
-            loss_value, acc1, acc5 = loss.item(), acc1.item(), acc5.item()
+            loss_value, acc1, acc5 = training.logged_figures(dev, nonfinite, epoch, loss, acc1, acc5)
             metric_logger.update(loss=loss_value, lr=lr)
             metric_logger.meters['acc1'].update(acc1, n=batch_size)
             metric_logger.meters['acc5'].update(acc5, n=batch_size)
@@ -73,7 +72,7 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
                   'img/s leaves it out')
         if stop is not None and stop.after_step(step):
             return throughput.total_images, step + 1
-    nonfinite.check(epoch)
+    nonfinite.check(epoch, model)
     return throughput.total_images, None
 
 
@@ -97,11 +96,12 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
             with dev.autocast():
                 output = model(image)
                 loss = criterion(output, target)
-            acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
+            acc1, acc5 = utils.accuracy(output, target, topk=(1, 5), on_host=not dev.accuracy_on_device)
             batch_size = image.shape[0]
-            metric_logger.update(loss=loss.item())
-            metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
-            metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
+            loss_value, acc1, acc5 = dev.read_scalars([loss, acc1, acc5])
+            metric_logger.update(loss=loss_value)
+            metric_logger.meters['acc1'].update(acc1, n=batch_size)
+            metric_logger.meters['acc5'].update(acc5, n=batch_size)
             if stop is not None and stop.signum:
                 break
     metric_logger.synchronize_between_processes()
@@ -172,7 +172,8 @@ def check_args(args):
     benchmark_modes.check(args.mode, args.bench_warmup, args.bench_iterations, args.benchmark_batch_sizes, args.compile)
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
-                         'native mixed precision); use --hmp with the op lists for bf16 on hpu, cuda and cpu')
+                         'native mixed precision); use --amp (torch.autocast, --amp-dtype float16 or bfloat16)')
+    training.check_precision(args.device, training.amp_dtype(args.amp, args.amp_dtype), args.is_hmp)
     recipe_flags.check(args)
     metrics.check_tensorboard(args.tensorboard, args.output_dir)
     lr_table = custom_lr_table(args.lr, args.custom_lr_values, args.custom_lr_milestones, args.epochs)
@@ -210,7 +211,9 @@ def main(args):
         return recipe_flags.print_schedule(args, recipe_flags.launched_world_size(args.world_size), lr_table)
     hmp = training.hmp_config(args.is_hmp, args.hmp_bf16, args.hmp_fp32, args.hmp_opt_level, args.hmp_verbose)
     device = devices.DeviceSettings(args.device, channels_last=args.channels_last, hmp=hmp,
-                                    lazy_mode=args.run_lazy_mode, compile=args.compile)
+                                    lazy_mode=args.run_lazy_mode, compile=args.compile,
+                                    amp_dtype=training.amp_dtype(args.amp, args.amp_dtype), tf32=args.tf32,
+                                    deterministic=args.deterministic)
     dev, ranks = training.start(device, output_dir=args.output_dir, writes=not args.test_only, dist_url=args.dist_url,
                                 dist_timeout=args.dist_timeout)
     vars(args).update(ranks._asdict())  # for print(args) and the checkpoints, as upstream's init_distributed_mode
@@ -234,7 +237,7 @@ def main(args):
     global_batch = ranks.world_size * args.batch_size
     schedule = None if lr_table else recipe_flags.make_schedule(optimizer, args, len(data_loader), global_batch)
 
-    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, args.bucket_cap_mb)
     model = training.compile_model(dev, model, args.compile)
     extras = recipe_flags.make_extras(args, schedule or training.NO_SCHEDULE, model_without_ddp, num_classes,
                                       global_batch)
@@ -249,6 +252,7 @@ def main(args):
 
     metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
     metrics_file.header(args=checkpoints.plain_args(args), recipe=args.recipe, device=dev.name(),
+                        precision=dev.precision_settings(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(data_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
@@ -318,7 +322,7 @@ def benchmark(args, dev, ranks):
                                  ranks.distributed)
     criterion = training.make_criterion(args.label_smoothing)
     optimizer = recipe_flags.make_optimizer(dev, model, args)
-    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model)
+    model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, args.bucket_cap_mb)
     if args.mode == 'benchmark-training':
         step = benchmark_modes.training_step(training.compile_model(dev, model, args.compile), criterion, optimizer, dev)
     else:
@@ -328,12 +332,13 @@ def benchmark(args, dev, ranks):
         dataset = load_data(args.data_path, args, dev, ranks, batch_size)
         return dataset.train if args.mode == 'benchmark-training' else dataset.val
     json_path = args.benchmark_json or (os.path.join(args.output_dir, f'{args.mode}.json') if args.output_dir else None)
-    precision = ('hmp bf16' if args.is_hmp else 'fp32') + (', channels-last' if args.channels_last else '') + \
-        (', compiled' if args.compile else '')
+    precision = (f'amp {args.amp_dtype or "float16"}' if args.amp else 'hmp bf16' if args.is_hmp else 'fp32') + \
+        (', channels-last' if args.channels_last else '') + (', compiled' if args.compile else '')
     description = dict(model=args.model, device=f'{args.device} ({precision})',
                        data='synthetic' if args.data_path == loaders.SYNTHETIC else args.data_path,
                        crop_size=args.train_crop_size if args.mode == 'benchmark-training' else args.val_crop_size,
-                       compile=args.compile, hmp=args.is_hmp, channels_last=args.channels_last)
+                       compile=args.compile, hmp=args.is_hmp, channels_last=args.channels_last,
+                       precision=dev.precision_settings())
     plan = benchmark_modes.Plan(args.mode, tuple(args.benchmark_batch_sizes or [args.batch_size]), args.bench_warmup,
                                 args.bench_iterations, json_path)
     return benchmark_modes.run(plan, step, loader, dev, description)
@@ -382,6 +387,8 @@ def get_args_parser(add_help=True):
     parser.add_argument('--test-only', dest='test_only', action='store_true', help='Only test the model')
     parser.add_argument('--pretrained', dest='pretrained', action='store_true',
                         help='Use pre-trained models from the modelzoo')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: torch.autocast (--amp-dtype; float16 with a GradScaler), cuda and cpu')
     parser.add_argument('--apex', action='store_true', help='Use apex for mixed precision training (not supported)')
     parser.add_argument('--apex-opt-level', default='O1', type=str, help='apex opt level (not used)')
     parser.add_argument('--world-size', default=1, type=int, help='number of distributed processes (the launcher\'s variables decide; recorded in the args)')
@@ -397,6 +404,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--deterministic', action='store_true',
                         help='seed every RNG and each sample\'s augmentation, so runs repeat exactly')
     cli.add_hmp_args(parser, bf16_default='', fp32_default='')
+    cli.add_precision_and_gpu_args(parser)
     cli.add_image_size_args(parser)
     cli.add_compile_arg(parser)
     cli.add_tensorboard_arg(parser)

@@ -129,15 +129,18 @@ class MetricLogger:
         print(f'{header} Total time: {total_time}')
 
 
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracy in percent for each k, computed on the CPU (as Habana's port does).
+def accuracy(output, target, topk=(1,), on_host=True):
+    """Top-k accuracy in percent for each k (0-d tensors), computed on the CPU as Habana's port does, or with
+    `on_host` False where the logits are, as upstream does (no copy of the logits: the trainers' choice on CUDA
+    and CPU, devices.py's accuracy_on_device).
 
     A k larger than the number of classes counts every sample as correct, so top-5 on a
     2-class dataset reads 100 instead of crashing.
     """
     with torch.no_grad():
-        output = output.detach().float().cpu()
-        target = target.detach().cpu()
+        output, target = output.detach(), target.detach()
+        if on_host:
+            output, target = output.float().cpu(), target.cpu()
         batch_size = target.size(0)
         maxk = min(max(topk), output.size(1))
         _, pred = output.topk(maxk, 1, True, True)

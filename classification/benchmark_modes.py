@@ -9,6 +9,9 @@ synchronous). Latency (ms): mean, p90, p95, p99 of those step times (numpy.perce
 img/s: measured images over the measured window's wall-clock time, waiting for data included (with
 --data-path synthetic there is nothing to wait for). With several ranks each rank measures its own steps (DDP
 keeps training ranks in step); the report gives rank 0's latency and img/s, and the sum of img/s over ranks.
+Each batch size's entry also holds the measured window (`window_s`: its wall time less the steps' sum is the
+wait for data) and, on CUDA, the peak device memory of its warm-up and measured steps (`peak_memory_bytes`:
+torch.cuda.max_memory_allocated, reset before each batch size; None elsewhere).
 The results go to stdout as a table and to a JSON file (rank 0).
 """
 import json
@@ -118,6 +121,17 @@ def inference_step(model, dev):
     return step
 
 
+def reset_peak_memory(dev):
+    """Start counting the peak device memory afresh (CUDA; nothing elsewhere)."""
+    if dev.kind == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev.torch_device)
+
+
+def peak_memory(dev):
+    """Bytes of device memory allocated at most since reset_peak_memory (CUDA), else None."""
+    return torch.cuda.max_memory_allocated(dev.torch_device) if dev.kind == 'cuda' else None
+
+
 def gather(value):
     """[value of each rank] (one element without a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -143,11 +157,13 @@ def run(plan, step, make_loader, dev, description):
     mode, warmup, iterations, json_path = plan.mode, plan.warmup, plan.iterations, plan.json_path
     results = []
     for batch_size in plan.batch_sizes:
+        reset_peak_memory(dev)
         measured = measure(step, endless(lambda: make_loader(batch_size)), warmup, iterations, dev)
         result = summarise(measured.step_s, batch_size, measured.window_s)
         per_rank = gather(result['img_per_s'])
         result.update(img_per_s_per_rank=per_rank, img_per_s_all_ranks=sum(per_rank),
-                      first_step_s=measured.first_step_s)
+                      first_step_s=measured.first_step_s, window_s=measured.window_s,
+                      peak_memory_bytes=peak_memory(dev))
         results.append(result)
     report = dict(description, mode=mode, warmup_steps=warmup, measured_steps=iterations,
                   world_size=len(results[0]['img_per_s_per_rank']) if results else 1,
@@ -169,18 +185,23 @@ def is_first_rank():
 
 
 def format_table(report):
-    """The report as a few header lines and a Markdown table, one row per batch size."""
+    """The report as a few header lines and a Markdown table, one row per batch size (on CUDA with the peak
+    device memory as a last column)."""
     world = report['world_size']
+    peaks = any(r.get('peak_memory_bytes') is not None for r in report['results'])
     head = (f"{report['mode']}: {report.get('model', '?')} on {report.get('device', '?')}, "
             f"{report.get('data', '?')} data, {world} rank(s); {report['warmup_steps']} warm-up step(s) left out, "
             f"{report['measured_steps']} measured per batch size")
     lines = [head, report['synchronised'], f"img/s: {report['img_per_s']}; latency of rank 0"
              + (f'; all ranks: the sum of the {world} ranks\' img/s' if world > 1 else ''),
-             '| batch | img/s | img/s all ranks | latency mean ms | p90 ms | p95 ms | p99 ms | first step s |',
-             '|---:|---:|---:|---:|---:|---:|---:|---:|']
+             '| batch | img/s | img/s all ranks | latency mean ms | p90 ms | p95 ms | p99 ms | first step s |'
+             + (' peak memory MiB |' if peaks else ''),
+             '|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if peaks else '')]
     for r in report['results']:
         lat = r['latency_ms']
         first = '-' if r['first_step_s'] is None else f"{r['first_step_s']:.2f}"
+        peak = r.get('peak_memory_bytes')
         lines.append(f"| {r['batch_size']} | {r['img_per_s']:.1f} | {r['img_per_s_all_ranks']:.1f} | "
-                     f"{lat['mean']:.2f} | {lat['p90']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | {first} |")
+                     f"{lat['mean']:.2f} | {lat['p90']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | {first} |"
+                     + ((' - |' if peak is None else f' {peak / 2 ** 20:.0f} |') if peaks else ''))
     return '\n'.join(lines)

@@ -103,6 +103,35 @@ def add_hmp_args(parser, bf16_default, fp32_default):
     parser.add_argument('--hmp-verbose', action='store_true', help='enable verbose mode for hmp')
 
 
+def positive_number(value):
+    """argparse type of a size that must be above zero (--bucket-cap-mb)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{value}'") from None
+    if not number > 0 or number == float('inf'):
+        raise argparse.ArgumentTypeError(f'expected a positive number, got {value}')
+    return number
+
+
+def add_precision_and_gpu_args(parser):
+    """Added, both trainers: --amp's dtype, TF32, DDP's bucket size and the CUDA input prefetch (--amp itself
+    is each trainer's own flag: torchvision's in train.py, the original's in main.py); docs/devices.md."""
+    group = parser.add_argument_group('mixed precision and GPU speed (docs/devices.md)')
+    group.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                       help='--amp: float16 (with loss scaling; any GPU, the one choice before compute capability '
+                            '8.0: V100, T4) or bfloat16 (no scaling; A100, H100 and later, hpu, CPUs with AMX) '
+                            '(default: float16)')
+    group.add_argument('--tf32', default='True', type=parse_bool,
+                       help='cuda: float32 matmuls and convolutions in TF32 on Ampere and later (True/False; '
+                            'default: True, as NVIDIA\'s DeepLearningExamples)')
+    group.add_argument('--bucket-cap-mb', default=None, type=positive_number, metavar='MB',
+                       help='DDP gradient bucket size (default: torch\'s 25 on cuda and cpu; Habana\'s 100/200 on hpu)')
+    group.add_argument('--prefetch', default='True', type=parse_bool,
+                       help='cuda: copy and normalise the next batch on a side stream during the step (True/False; '
+                            'default: True)')
+
+
 def add_image_size_args(parser):
     """Added (upstream torchvision 0.12+ names and the reference sizes), so small images and quick runs work."""
     parser.add_argument('--train-crop-size', default=224, type=int, help='RandomResizedCrop size')

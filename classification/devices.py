@@ -30,21 +30,27 @@ class HmpConfig:
 class DeviceSettings:
     """The run's device choices, as one value: --device (`kind`), --channels-last, --hmp and its op lists
     (HmpConfig or None), Habana's lazy mode, the CUDA device of a single-process run (`index`; a launcher's
-    local rank overrides it) and --compile."""
+    local rank overrides it), --compile, --amp's dtype (`amp_dtype`: torch.float16, torch.bfloat16 or None),
+    --tf32 (CUDA) and --deterministic (train.py) / --seed (main.py): repeatable kernels."""
     kind: str = 'cpu'
     channels_last: bool = True
     hmp: HmpConfig = None
     lazy_mode: bool = True
     index: int = 0
     compile: bool = False
+    amp_dtype: torch.dtype = None
+    tf32: bool = True
+    deterministic: bool = False
 
 
 class LoaderPlacement(NamedTuple):
     """What the input pipelines take from the device layer: where batches go, whether host memory is pinned
-    for them, and how loader workers start."""
+    for them, how loader workers start, and the memory format the model takes its images in (the CUDA
+    prefetcher lays batches out so, prefetch.py; to_device's own contiguous() is then a no-op)."""
     device: torch.device
     pin_memory: bool
     worker_start_method: str
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 # Where a lazy-mode graph is cut (htcore.mark_step) in train.py 1.4.0, as a function of the run.
@@ -78,17 +84,23 @@ def ddp_bucket_cap_mb(model_name):
 class CPUDevice:
     kind = 'cpu'
     collective_backend = 'gloo'
+    # Habana's port copies the logits to the CPU for top-k; elsewhere top-k runs where the logits are.
+    accuracy_on_device = True
+    generator_kinds = ('cpu',)  # the random generators rng_state() saves
     # Loader workers are forked from a clean single-threaded server process: a plain fork of a trainer
     # that already runs gloo/NCCL and OpenMP threads can deadlock in the child (seen: a validation
     # worker hung inside fork under mpirun).
     worker_start_method = 'forkserver'
 
-    def __init__(self, channels_last=True, hmp=None, lazy_mode=True):
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True, amp_dtype=None):
         self.lazy_mode = lazy_mode
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mark_points = frozenset()
         self.precision = self._start_precision(hmp)
+        self.amp_dtype = amp_dtype
+        # --amp float16 scales the loss so that small gradients survive in float16; bfloat16 needs no scaling.
+        self.scaler = torch.amp.GradScaler(self.torch_device.type) if amp_dtype == torch.float16 else None
 
     @property
     def torch_device(self):
@@ -144,8 +156,23 @@ class CPUDevice:
         return torch.compile(model, dynamic=False)
 
     def autocast(self):
-        """Context for forward and loss: the op-list mixed precision when --hmp is on."""
+        """Context for forward and loss: torch.autocast with --amp, the op-list mixed precision with --hmp."""
+        if self.amp_dtype is not None:
+            return torch.autocast(self.torch_device.type, dtype=self.amp_dtype)
         return self.precision if self.precision is not None else contextlib.nullcontext()
+
+    def precision_settings(self):
+        """What decides the arithmetic of this run, for the metrics header: --amp's dtype, --hmp, and on CUDA
+        TF32 and the deterministic kernels."""
+        amp = str(self.amp_dtype).replace('torch.', '') if self.amp_dtype is not None else None
+        return {'amp': amp, 'loss_scaling': self.scaler is not None, 'hmp': self.precision is not None}
+
+    def read_scalars(self, tensors):
+        """The values of 0-d tensors as Python floats, in one device-to-host transfer (a logged step's loss,
+        accuracies and the finite check together: one wait for the device instead of one per value)."""
+        if not tensors:
+            return []
+        return torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors]).tolist()
 
     def optimizer_step_context(self):
         return contextlib.nullcontext()
@@ -161,20 +188,25 @@ class CPUDevice:
         return model.eval()
 
     def make_optimizer(self, params, lr, momentum, weight_decay, kind='sgd', nesterov=False, trust_coefficient=0.001):
-        """SGD (fused) or LARS over `params` (parameter groups)."""
+        """SGD (fused, except under a loss scaler) or LARS over `params` (parameter groups)."""
         if kind == 'lars':
             from . import optimizers
             return optimizers.LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                    trust_coefficient=trust_coefficient, nesterov=nesterov)
+        # Fused SGD advances its momentum on a step the float16 loss scaler skips (torch 2.11-2.14: it handles
+        # the overflow itself and the buffer takes the inf gradients), so the weights blow up one step later.
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                               fused=True)
+                               fused=self.scaler is None)
 
     def after_optimizer_created(self, model, optimizer):
         """Last layout changes once model and optimizer exist (HPU weight permutation)."""
 
-    def ddp_kwargs(self, model_name):
-        return dict(bucket_cap_mb=ddp_bucket_cap_mb(model_name), gradient_as_bucket_view=True,
-                    **no_buffer_broadcast())
+    def ddp_kwargs(self, model_name, bucket_cap_mb=None, habana_bucket_cap_mb=None):
+        """DDP's options: torch's gradient bucket size (25 MB, all-reduced while the backward goes on) unless
+        --bucket-cap-mb (`bucket_cap_mb`) sets one; `habana_bucket_cap_mb`, a trainer's Habana value, counts on
+        hpu only."""
+        buckets = {'bucket_cap_mb': bucket_cap_mb} if bucket_cap_mb else {}
+        return dict(buckets, gradient_as_bucket_view=True, **no_buffer_broadcast())
 
     def to_device(self, image, target):
         """Copy a batch to the device (a no-op for the FAST loader's, already there) and lay the images out as
@@ -185,8 +217,9 @@ class CPUDevice:
 
     @contextlib.contextmanager
     def checkpoint_state(self, model, optimizer):
-        """Yield (model state, optimizer state) in torchvision's layout, ready to save."""
-        yield model.state_dict(), optimizer.state_dict()
+        """Yield (model state, optimizer state) in torchvision's layout, ready to save: on the host, so that
+        torch.load(path, weights_only=True) reads the file on a machine without this device."""
+        yield state_to_cpu(model.state_dict()), state_to_cpu(optimizer.state_dict())
 
     def load_training_state(self, model, optimizer, model_state, optimizer_state):
         model.load_state_dict(model_state)
@@ -194,8 +227,8 @@ class CPUDevice:
             optimizer.load_state_dict(optimizer_state)
 
     def module_state(self, module):
-        """A module's state in torchvision's layout, ready to save (the EMA model)."""
-        return module.state_dict()
+        """A module's state in torchvision's layout, on the host, ready to save (the EMA model)."""
+        return state_to_cpu(module.state_dict())
 
     def load_module_state(self, module, state):
         module.load_state_dict(state)
@@ -205,29 +238,47 @@ class CPUDevice:
 
     def loader_placement(self):
         """The input pipelines' LoaderPlacement on this device (after init_distributed: it picks the GPU)."""
-        return LoaderPlacement(self.torch_device, self.pin_memory(), self.worker_start_method)
+        return LoaderPlacement(self.torch_device, self.pin_memory(), self.worker_start_method, self.memory_format)
 
     def rng_state(self):
-        """The random generators' state (dropout), saved so that a run resumed mid-epoch repeats."""
+        """The random generators' state (dropout, mixup/cutmix), saved so that a run resumed mid-epoch repeats:
+        {generator kind: ByteTensor on the host}."""
         return {'cpu': torch.get_rng_state()}
 
+    def _set_generator_state(self, kind, state):
+        """Restore the generator `kind` ('cpu', 'cuda', ...) of this device; False when it has none."""
+        if kind != 'cpu':
+            return False
+        torch.set_rng_state(state)
+        return True
+
     def set_rng_state(self, state):
-        torch.set_rng_state(state['cpu'])
+        """Restore the generators `state` (rng_state() of a run on any device kind) has and this device uses;
+        one `note:` line names what could not be restored (a checkpoint of another device kind)."""
+        state = state or {}
+        restored = {kind for kind, value in state.items() if self._set_generator_state(kind, value)}
+        note = rng_restore_note(self.kind, set(state), restored, set(self.generator_kinds))
+        if note:
+            print(note)
 
 
 class CUDADevice(CPUDevice):
     kind = 'cuda'
     collective_backend = 'nccl'
+    generator_kinds = ('cpu', 'cuda')
 
-    def __init__(self, channels_last=True, hmp=None, lazy_mode=True, index=0):
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True, index=0, amp_dtype=None, tf32=True):
         if not torch.cuda.is_available():
             raise UsageError('--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); '
                              'check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu')
         if not 0 <= index < torch.cuda.device_count():
             raise UsageError(f'--gpu {index}: this machine has {torch.cuda.device_count()} CUDA device(s)')
         self.index = index
-        torch.backends.cudnn.benchmark = True
-        super().__init__(channels_last, hmp, lazy_mode)
+        # cuDNN's autotuner picks the fastest kernels, not repeatable ones: off when determinism.enable ran.
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+        self.tf32 = tf32
+        set_tf32(tf32)
+        super().__init__(channels_last, hmp, lazy_mode, amp_dtype)
 
     @property
     def torch_device(self):
@@ -255,12 +306,18 @@ class CUDADevice(CPUDevice):
     def pin_memory(self):
         return True
 
+    def precision_settings(self):
+        return dict(super().precision_settings(), tf32=self.tf32, cudnn_benchmark=torch.backends.cudnn.benchmark,
+                    deterministic=torch.are_deterministic_algorithms_enabled())
+
     def rng_state(self):
         return dict(super().rng_state(), cuda=torch.cuda.get_rng_state(self.index))
 
-    def set_rng_state(self, state):
-        super().set_rng_state(state)
-        torch.cuda.set_rng_state(state['cuda'], self.index)
+    def _set_generator_state(self, kind, state):
+        if kind != 'cuda':
+            return super()._set_generator_state(kind, state)
+        torch.cuda.set_rng_state(state, self.index)
+        return True
 
 
 class HPUDevice(CPUDevice):
@@ -268,11 +325,16 @@ class HPUDevice(CPUDevice):
     kind = 'hpu'
     collective_backend = 'hccl'
     worker_start_method = 'spawn'  # forked loader workers do not work with the Synapse runtime
+    accuracy_on_device = False
 
-    def __init__(self, channels_last=True, hmp=None, lazy_mode=True):
+    def __init__(self, channels_last=True, hmp=None, lazy_mode=True, amp_dtype=None):
         self.htcore = self._load_bridge(lazy_mode)
         self.hmp = None
-        super().__init__(channels_last, hmp, lazy_mode)
+        super().__init__(channels_last, hmp, lazy_mode, amp_dtype)
+
+    def read_scalars(self, tensors):
+        """One read per value, as Habana's port does (.item() each; the copies are its own)."""
+        return [t.item() for t in tensors]
 
     @staticmethod
     def _load_bridge(lazy_mode):
@@ -387,16 +449,17 @@ class HPUDevice(CPUDevice):
     def after_optimizer_created(self, model, optimizer):
         self._permute(model, optimizer, to_filters_last=True)
 
-    def ddp_kwargs(self, model_name):
-        return dict(bucket_cap_mb=ddp_bucket_cap_mb(model_name),
+    def ddp_kwargs(self, model_name, bucket_cap_mb=None, habana_bucket_cap_mb=None):
+        """Habana's buckets, chosen for HCCL: the trainer's value, else train.py's per model."""
+        return dict(bucket_cap_mb=bucket_cap_mb or habana_bucket_cap_mb or ddp_bucket_cap_mb(model_name),
                     gradient_as_bucket_view=model_name in ('mobilenet_v2', 'resnet152'), **no_buffer_broadcast())
 
     @contextlib.contextmanager
     def checkpoint_state(self, model, optimizer):
         self._permute(model, optimizer, to_filters_last=False)
         try:
-            model_state = {k: v.detach().to('cpu') for k, v in model.state_dict().items()}
-            optimizer_state = _state_to_cpu(optimizer.state_dict())
+            model_state = state_to_cpu(model.state_dict())
+            optimizer_state = state_to_cpu(optimizer.state_dict())
         finally:
             self._permute(model, optimizer, to_filters_last=True)
         yield model_state, optimizer_state
@@ -446,25 +509,49 @@ def permute_momentum(optimizer, to_filters_last):
                 state['momentum_buffer'] = buf.permute(order).contiguous()
 
 
-def _state_to_cpu(obj):
+def state_to_cpu(obj):
+    """A state_dict (nested dicts and lists) with every tensor on the host (tensors already there unchanged)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to('cpu')
     if isinstance(obj, dict):
-        return {k: _state_to_cpu(v) for k, v in obj.items()}
+        return {k: state_to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_state_to_cpu(v) for v in obj]
+        return [state_to_cpu(v) for v in obj]
     return obj
+
+
+def rng_restore_note(device_kind, saved, restored, used):
+    """The `note:` line of a mid-epoch resume whose random states do not match this device: the `saved`
+    generator kinds not restored (written on another device kind) and the `used` ones the checkpoint lacks
+    (they go on from the run's seed, so dropout and the batch mixes draw other numbers than the uninterrupted
+    run); None when every state was restored."""
+    unused, missing = sorted(saved - restored), sorted(used - saved)
+    parts = []
+    if unused:
+        parts.append(f"its {', '.join(unused)} random state is not used on --device {device_kind}")
+    if missing:
+        parts.append(f"it has no {', '.join(missing)} random state (written on another device kind): that "
+                     'generator goes on from the seed, so random draws on it differ from the uninterrupted run')
+    return 'note: --resume: the checkpoint comes from another device kind; ' + '; '.join(parts) if parts else None
+
+
+def set_tf32(enabled):
+    """--tf32: float32 matmuls and cuDNN convolutions in TF32 on Ampere and later GPUs (NVIDIA's
+    DeepLearningExamples train their fp32 rows so; torch alone leaves matmuls in full float32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 DEVICES = {'cpu': CPUDevice, 'cuda': CUDADevice, 'hpu': HPUDevice}
 
 
-def create(kind, channels_last=True, hmp=None, lazy_mode=True, index=0):
+def create(kind, channels_last=True, hmp=None, lazy_mode=True, index=0, amp_dtype=None, tf32=True):
     """The device object for `--device kind`; fails with one clear line if it cannot run here.
 
-    `index` picks the CUDA device of a single-process run (a launcher's local rank overrides it).
+    `index` picks the CUDA device of a single-process run (a launcher's local rank overrides it); `tf32`
+    (--tf32) counts on CUDA only.
     """
     if kind not in DEVICES:
         raise UsageError(f"--device: unknown device '{kind}'; choose hpu, cuda or cpu")
-    extra = {'index': index} if kind == 'cuda' else {}
-    return DEVICES[kind](channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode, **extra)
+    extra = {'index': index, 'tf32': tf32} if kind == 'cuda' else {}
+    return DEVICES[kind](channels_last=channels_last, hmp=hmp, lazy_mode=lazy_mode, amp_dtype=amp_dtype, **extra)

@@ -4,7 +4,9 @@ Which rank a process is comes from its launcher's variables (mpirun, torchrun, S
 MASTER_ADDR:MASTER_PORT; under a launcher that names its job, a port derived from the job's id stands in for
 an unset MASTER_PORT, so that two jobs on one machine do not collide. Every wait (the rendezvous and each
 collective) is bounded by --dist-timeout. Each rank sends a heartbeat to the rendezvous store from a thread,
-so that when a collective times out, the ranks still running can tell which rank stopped answering.
+so that when a collective times out, the ranks still running can tell which rank stopped answering; a watch
+beside it (PeerWatch) gives the same lines from those heartbeats and a small gloo group of its own when the
+main backend does not raise (NCCL's watchdog aborts the process instead).
 """
 import builtins
 import datetime
@@ -22,6 +24,7 @@ import urllib.parse
 import zlib
 from typing import NamedTuple
 
+import torch
 import torch.distributed as dist
 
 from .cli import CleanExit, UsageError, whole_seconds
@@ -201,7 +204,7 @@ def start(dist_url, timeout_s, backend_for_local_rank):
     `backend_for_local_rank` is the device layer's hook that prepares this process for its collective
     backend and names it. Returns Ranks.
     """
-    global _heartbeat
+    global _heartbeat, _watch
     rank, world_size, local_rank, launcher = discover_ranks()
     if world_size <= 1:
         print('Not using distributed mode')
@@ -224,7 +227,15 @@ def start(dist_url, timeout_s, backend_for_local_rank):
         say(note)
     setup_for_distributed(rank == 0)
     _heartbeat = Heartbeat(rank, world_size, timeout_s, meeting.store)
+    if meeting.store:  # every rank or none: they share the --dist-url
+        _watch = watch_peers(_heartbeat, timeout_s)
     return Ranks(rank, world_size, local_rank, True)
+
+
+def watch_peers(heartbeat, timeout_s):
+    """Start this rank's PeerWatch, with its liveness group (gloo, created by every rank here)."""
+    group = dist.new_group(backend='gloo', timeout=datetime.timedelta(seconds=timeout_s))
+    return PeerWatch(heartbeat, Liveness(group), judges_silence=timeout_s >= JUDGES_SILENCE_FROM_TIMEOUT_S).start()
 
 
 def mpirun_kill_grace_note(environ):
@@ -355,6 +366,7 @@ def variable_names(variables):
 # Heartbeats, and the rank that stopped answering
 
 _heartbeat = None
+_watch = None
 
 
 def progress(epoch, step):
@@ -366,7 +378,12 @@ def progress(epoch, step):
 class Heartbeat:
     """Writes this rank's wall time and training position to the rendezvous store every few seconds, from a
     thread of its own: a rank that waits in a collective keeps beating, a stopped or frozen one does not.
-    (Ages compare wall clocks of different hosts; cluster clocks agree to far better than the timeout.)"""
+    (Ages compare wall clocks of different hosts; cluster clocks agree to far better than the timeout.)
+
+    While a PeerWatch watches, each round also reads every rank's heartbeat, noting on this host's monotonic
+    clock when each one last changed (no clock of another host counts there). A rank whose run ends as
+    planned says so in its last heartbeat ('ended': 'finished'), so that the others do not take its closing
+    connections for a failure."""
 
     KEY = 'heartbeat/{}'
 
@@ -374,28 +391,108 @@ class Heartbeat:
         self.rank, self.world_size, self.timeout_s, self.store = rank, world_size, timeout_s, store
         self.position = None  # (epoch, step) of the last training step begun
         self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, timeout_s / 10)
-        self.first_step = threading.Event()
+        self.ended = None  # 'finished' once this rank's run has ended as planned
+        self.watching = False
+        self.latest = (0.0, {})  # (monotonic time the read began, {rank: heartbeat or None})
+        self.answered_at = time.monotonic()  # when the store last answered a whole round
+        self.heard_at = dict.fromkeys(range(world_size), self.answered_at)  # when each beat last changed
+        self.store_lost = False
+        self.wake = threading.Event()
+        self.thread = None
         if store:
-            threading.Thread(target=self._beat, name='heartbeat', daemon=True).start()
+            self.thread = threading.Thread(target=self._beat, name='heartbeat', daemon=True)
+            self.thread.start()
 
     def record(self, epoch, step):
         first = self.position is None
         self.position = (epoch, step)
         if first:  # beat at once: the start of training is where a rank is most often reported from
-            self.first_step.set()
+            self.wake.set()
+
+    def beat_text(self):
+        return json.dumps({'time': time.time(), 'position': self.position, 'ended': self.ended})
 
     def _beat(self):
         try:
             client = store_client(self.store, self.timeout_s)
-            while True:
-                client.set(self.KEY.format(self.rank), json.dumps({'time': time.time(), 'position': self.position}))
-                if self.first_step.wait(self.interval_s):
-                    self.first_step.clear()
+            while self.ended is None:
+                client.set(self.KEY.format(self.rank), self.beat_text())
+                if self.watching:
+                    began = time.monotonic()
+                    self.take_in(began, beats_in(client, self.world_size))
+                self.answered_at = time.monotonic()
+                if self.wake.wait(self.interval_s):
+                    self.wake.clear()
         except RuntimeError:  # the store is gone (rank 0 ended) or stopped answering: nothing left to tell
+            self.store_lost = True
+
+    def take_in(self, began, beats):
+        previous = self.latest[1]
+        for rank, beat in beats.items():
+            if beat != previous.get(rank):
+                self.heard_at[rank] = began
+        self.latest = (began, beats)
+
+    def forgive(self, now):
+        """This process was itself stopped or starved: what its clock saw of the others does not count."""
+        self.answered_at = now
+        self.heard_at = dict.fromkeys(self.heard_at, now)
+
+    def silent_peers(self, now, after_s):
+        """{rank: last heartbeat or None} of the other ranks whose heartbeat has not changed for after_s."""
+        beats = self.latest[1]
+        return {rank: beats.get(rank) for rank, heard in self.heard_at.items()
+                if rank != self.rank and now - heard > after_s}
+
+    def a_rank_finished(self):
+        return any(beat and beat.get('ended') == 'finished' for beat in self.latest[1].values())
+
+    def fresh_beats(self, wait_s):
+        """The heartbeats of a round that began after this call, or None when the store does not give them
+        within wait_s."""
+        asked = time.monotonic()
+        self.wake.set()
+        while time.monotonic() < asked + wait_s and not self.store_lost:
+            began, beats = self.latest
+            if began >= asked:
+                return beats
+            time.sleep(0.05)
+        return None
+
+    def finish(self, wait_s):
+        """Mark this rank's run as ended as planned; on rank 0, whose store holds the marks, wait up to wait_s
+        for every rank's mark before the store goes with this process."""
+        self.ended = 'finished'
+        self.wake.set()
+        if self.thread is None:
+            return
+        self.thread.join(STORE_ANSWER_WAIT_S)  # a beat in flight lands before the mark
+        try:
+            client = store_client(self.store, self.timeout_s)
+            key = self.KEY.format(self.rank)
+            client.set(key, self.beat_text())
+            client.check([key])  # an answer: the store holds the mark before this rank's connections close
+            deadline = time.monotonic() + wait_s
+            while self.rank == 0 and time.monotonic() < deadline and not all_ended(beats_in(client, self.world_size)):
+                time.sleep(0.1)
+        except RuntimeError:  # the store is gone: no one is left to read the mark
             return
 
     def report(self):
         return timeout_report(self.rank, self.world_size, self.timeout_s, self.store)
+
+
+def beats_in(client, world_size):
+    """{rank: heartbeat or None} as the store holds them now (one request when every rank has beaten and this
+    torch has multi_get)."""
+    keys = [Heartbeat.KEY.format(rank) for rank in range(world_size)]
+    if hasattr(client, 'multi_get') and client.check(keys):
+        return {rank: json.loads(value) for rank, value in enumerate(client.multi_get(keys))}
+    return {rank: json.loads(client.get(key)) if client.check([key]) else None for rank, key in enumerate(keys)}
+
+
+def all_ended(beats):
+    return all(beat and beat.get('ended') for beat in beats.values())
 
 
 def timeout_report(rank, world_size, timeout_s, store, answer_wait_s=STORE_ANSWER_WAIT_S):
@@ -432,9 +529,7 @@ def read_heartbeats(address, world_size, wait_s):
     def read():
         try:
             client = store_client(address, ABANDONED_READ_TIMEOUT_S)  # longer than the wait: no C++ log
-            for rank in range(world_size):
-                key = Heartbeat.KEY.format(rank)
-                beats[rank] = json.loads(client.get(key)) if client.check([key]) else None
+            beats.update(beats_in(client, world_size))
         except RuntimeError:  # the store timed out or closed: the caller sees the beats missing
             return
 
@@ -485,30 +580,178 @@ def peer_ended(err):
     return found.group(0) if found else None
 
 
+def ended_line(words):
+    return f'another rank ended ({words}), so this rank stops too; that rank\'s own output says why'
+
+
+def peer_failure(err):
+    """PeerStopped with the line for `err` when a collective failed because another rank stopped answering
+    (a timeout) or ended (its connection closed); None for any other error."""
+    if not isinstance(err, RuntimeError):  # gloo's errors and torch's DistError family are RuntimeErrors
+        return None
+    if is_timeout(err) and from_collectives(err):
+        return PeerStopped(_heartbeat.report())
+    if peer_ended(err):
+        return PeerStopped(ended_line(peer_ended(err)))
+    return None
+
+
 def end_process_groups():
-    """Destroy the process groups of a run that ended as planned. Left to the interpreter's exit, gloo's worker
-    threads can abort a rank that finished ("terminate called without an active exception", exit 134: seen on
-    rank 1 of a finished 2-rank run; pytorch issue 190489)."""
+    """Destroy the process groups of a run that ended as planned, once every rank knows it did (heartbeat
+    marks, so that the ranks' watchers do not take the closing connections for a failure). Left to the
+    interpreter's exit, gloo's worker threads can abort a rank that finished ("terminate called without an
+    active exception", exit 134: seen on rank 1 of a finished 2-rank run; pytorch issue 190489)."""
+    if _heartbeat is not None:
+        _heartbeat.finish(wait_s=FINISH_WAIT_S)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def reporting_stopped_peers(main):
     """`main`, where a collective that fails because another rank stopped answering (a timeout) or ended
-    (its connection closed) ends the run with one line instead of a traceback: exit status 1."""
+    (its connection closed) ends the run with one line instead of a traceback: exit status 1. Beside it, the
+    PeerWatch of a distributed run says the same from the heartbeats and the liveness group, when the main
+    backend does not raise (NCCL's watchdog aborts the process); whichever comes first has the last word."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             result = main(*args, **kwargs)
-            end_process_groups()
-            return result
-        except RuntimeError as err:  # gloo's errors and torch's DistError family
-            if _heartbeat is None:
-                raise
-            if is_timeout(err) and from_collectives(err):
-                raise PeerStopped(_heartbeat.report()) from None
-            if peer_ended(err):
-                raise PeerStopped(f'another rank ended ({peer_ended(err)}), so this rank stops too; that '
-                                  'rank\'s own output says why') from None
+        except BaseException as err:
+            if _watch is not None:
+                _watch.take_last_word()
+            failure = peer_failure(err) if _heartbeat is not None else None
+            if failure:
+                raise failure from None
             raise
+        if _watch is not None:
+            _watch.take_last_word()
+        end_process_groups()
+        return result
     return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# The watch: the same lines when the main backend does not raise
+
+# A rank whose heartbeat has not changed for this long is frozen (SIGSTOP, a hung host) or gone: three
+# heartbeat intervals at the longest interval (5 s), so more intervals where --dist-timeout makes them shorter.
+# A rank that computes, evaluates, saves or compiles keeps beating: its heartbeat thread runs beside that.
+SILENT_AFTER_S = 3 * MAX_HEARTBEAT_INTERVAL_S
+# Silence is judged only where the verdict (at most SILENT_AFTER_S + an interval + a tick after the last beat) comes
+# well before the process group's own timeout, NCCL's watchdog included; with shorter timeouts that timeout
+# comes first and, on gloo, names the rank as before.
+JUDGES_SILENCE_FROM_TIMEOUT_S = 2 * SILENT_AFTER_S
+# How often the watch looks: the liveness group's all-reduce (a closed connection is news within a tick) and
+# the silence, from the heartbeats read once per interval.
+WATCH_TICK_S = 0.5
+# How long rank 0, at a planned end, waits for the other ranks' marks before its store goes.
+FINISH_WAIT_S = SILENT_AFTER_S
+LAST_WORD_WAIT_S = 10.0
+
+
+class Liveness:
+    """A tiny all-reduce after another on a gloo group of its own, from the watch's thread: a rank whose
+    process ended closes its connections, and gloo says so at once ('Connection closed by peer'), whatever
+    the main backend does meanwhile; a frozen rank only leaves the all-reduce waiting."""
+
+    def __init__(self, group):
+        self.group, self.work, self.ended = group, None, None
+
+    def poll(self):
+        """(monotonic time, gloo's words) once an all-reduce failed because a rank ended; None until then."""
+        if self.ended or self.group is None:
+            return self.ended
+        try:
+            if self.work is None:
+                self.work = dist.all_reduce(torch.zeros(1), group=self.group, async_op=True)
+            if self.work.is_completed():
+                self.work.wait()
+                self.work = None
+        except RuntimeError as err:  # a failed gloo group is done with; only a rank's end is news here
+            self.group = None
+            words = peer_ended(err)
+            self.ended = (time.monotonic(), words) if words else None
+        return self.ended
+
+
+class PeerWatch:
+    """Watches the other ranks from a thread of this one, through the heartbeats and the liveness group, and
+    ends this rank with the line the failed collective would give (exit status 1) when another rank ended or,
+    where `judges_silence`, has been silent for `silent_after_s`: NCCL ends a collective that cannot complete
+    by aborting the process after --dist-timeout (its watchdog), not with a Python exception.
+
+    The main thread takes the last word as the run ends, however it ends (take_last_word): from then on the
+    watch says nothing, and the one line of a failure comes from one of them only."""
+
+    def __init__(self, heartbeat, liveness, judges_silence, silent_after_s=SILENT_AFTER_S):
+        self.heartbeat, self.liveness = heartbeat, liveness
+        self.judges_silence, self.silent_after_s = judges_silence, silent_after_s
+        self.last_word = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name='peer watch', daemon=True)
+
+    def start(self):
+        self.heartbeat.watching = True
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        last = time.monotonic()
+        while not self.stopping.wait(WATCH_TICK_S):
+            now = time.monotonic()
+            if now - last > self.heartbeat.interval_s:  # late by more than a heartbeat: this process was stopped
+                self.heartbeat.forgive(now)
+            last = now
+            line = self.verdict(now)
+            if line:
+                self.end_this_rank(line)
+                return
+
+    def verdict(self, now):
+        """The failure line when another rank ended or went silent, else None."""
+        if self.heartbeat.a_rank_finished():  # the run ends as planned: closing connections are no news
+            self.stopping.set()
+            return None
+        ended = self.liveness.poll() if self.liveness else None
+        if ended:
+            beats = self.heartbeat.fresh_beats(STORE_ANSWER_WAIT_S)  # read after the connection closed
+            if beats and any(beat and beat.get('ended') == 'finished' for beat in beats.values()):
+                self.stopping.set()
+                return None
+            return ended_line(ended[1])
+        if self.judges_silence:
+            return self.silence(now)
+        return None
+
+    def silence(self, now):
+        hb = self.heartbeat
+        rather = f'so this rank stops now rather than wait out --dist-timeout {hb.timeout_s} s'
+        if hb.rank != 0 and now - hb.answered_at > self.silent_after_s:
+            where = f'{hb.store[0]}:{hb.store[1]}'
+            return (f'rank 0 stopped answering (its rendezvous store at {where} did not answer for '
+                    f'{self.silent_after_s:.0f} s), {rather}')
+        silent = hb.silent_peers(now, self.silent_after_s)
+        if silent:
+            return f'{stopped_ranks(silent, time.time())}; no heartbeat for {self.silent_after_s:.0f} s, {rather}'
+        return None
+
+    def end_this_rank(self, line):
+        """Print the line and end the process (the main thread may be inside a collective that never
+        returns), unless the main thread already took the last word. Loader workers end with the process
+        (they watch its pidfd)."""
+        if not self.last_word.acquire(blocking=False):
+            return
+        sys.stderr.write(f'error: {line}\n')  # as cli.run_cli writes a CleanExit
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(PeerStopped.exit_code)
+
+    def take_last_word(self):
+        """From the main thread as the run ends: the watch stops and stays silent. Should the watch already be
+        printing its line, wait for it to end the process."""
+        if not self.last_word.acquire(blocking=False):
+            time.sleep(LAST_WORD_WAIT_S)
+            os._exit(PeerStopped.exit_code)
+        self.stopping.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(STORE_ANSWER_WAIT_S + WATCH_TICK_S)

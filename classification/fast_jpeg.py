@@ -324,10 +324,15 @@ class NormalizedOnDevice:
     def __len__(self):
         return len(self.loader)
 
+    def normalise(self, images):
+        """uint8 images already on the device -> normalised float32, in their layout (the prefetcher runs this
+        on its side stream, prefetch.py)."""
+        return torch.addcmul(self.shift, images, self.inv_std)
+
     def __iter__(self):
         for images, targets in self.loader:
             images = images.to(self.device, non_blocking=True)
-            yield torch.addcmul(self.shift, images, self.inv_std), targets.to(self.device, non_blocking=True)
+            yield self.normalise(images), targets.to(self.device, non_blocking=True)
 
 
 def build_loaders(dataset, dataset_test, train_sampler, test_sampler, settings, placement):

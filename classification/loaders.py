@@ -5,7 +5,8 @@ MP is torch's DataLoader with the reference PIL transforms; FAST the fast JPEG p
 whose uint8 batches are normalised on the device; HABANA Habana's habana_dataloader, or FAST where that
 package is not installed. `--data-path synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once
 on the device, normalised there as FAST's, for measuring compute alone. Every loader yields (images, targets)
-ready for the device layer.
+ready for the device layer; on CUDA each is wrapped in prefetch.Prefetcher (LoaderSettings.prefetch), which
+copies (and normalises) the next batch on a side stream while the current step computes.
 """
 import math
 import time
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import data, fast_jpeg, samplers, schedules
+from . import data, fast_jpeg, prefetch, samplers, schedules
 from .cli import UsageError
 
 SYNTHETIC = 'synthetic'              # the --data-path that selects synthetic data (DLE's --data-backend name)
@@ -107,7 +108,8 @@ class LoaderSettings:
     keep the file lists under output_dir (--cache-dataset). augmentation: --auto-augment and --random-erase (MP
     only). plain_crop_epochs: some epochs train without scale/aspect augmentation (train_sampler.set_epoch's
     `augment`; an LR-collapse phase), so the MP samples are keyed with the setting. synthetic_images: the
-    training images of a synthetic epoch (default: ImageNet-1k's 1,281,167).
+    training images of a synthetic epoch (default: ImageNet-1k's 1,281,167). prefetch: on CUDA, copy and
+    normalise the next batch on a side stream while the current step computes (prefetch.py; --prefetch).
     """
     kind: str = 'MP'
     batch_size: int = 32
@@ -123,6 +125,7 @@ class LoaderSettings:
     augmentation: Augmentation = NO_AUGMENTATION
     plain_crop_epochs: bool = False
     synthetic_images: int = None
+    prefetch: bool = True
 
     @property
     def plain_resize_size(self):
@@ -130,13 +133,13 @@ class LoaderSettings:
         return max(self.val_resize_size, self.train_crop_size)
 
 
-def build(data_path, settings, ranks, placement):
+def build(data_path, settings, ranks, placement, force_prefetch=False):
     """Loaders for data_path (train/ and val/ class folders) as `settings` (LoaderSettings) ask, for this rank of
     `ranks` (distributed.Ranks: rank, world_size), on the device layer's `placement` (devices.LoaderPlacement:
-    FAST normalises on the device). data_path 'synthetic': build_synthetic's loaders (--dl-worker-type and the
-    file options do not apply)."""
+    FAST normalises on the device), prefetched on CUDA (see prefetched; `force_prefetch`: on any device).
+    data_path 'synthetic': build_synthetic's loaders (--dl-worker-type and the file options do not apply)."""
     if data_path == SYNTHETIC:
-        return build_synthetic(settings, ranks, placement.device)
+        return prefetched(build_synthetic(settings, ranks, placement.device), settings, placement, force_prefetch)
     kind = resolve_kind(settings.kind)
     check_augmentation(kind, settings.augmentation, settings.plain_crop_epochs)
     cache_dir = data.dataset_cache_dir(settings.output_dir) if settings.cache_dataset else None
@@ -165,7 +168,17 @@ def build(data_path, settings, ranks, placement):
         train, val = (data.make_loader(ds, sampler, train=is_train, batch_size=settings.batch_size,
                                        workers=settings.workers, placement=placement, seed=settings.loader_seed)
                       for ds, sampler, is_train in splits)
-    return Loaders(classes, train_sampler, train, val, kind)
+    return prefetched(Loaders(classes, train_sampler, train, val, kind), settings, placement, force_prefetch)
+
+
+def prefetched(built, settings, placement, force=False):
+    """`built` (Loaders) with both loaders wrapped in prefetch.Prefetcher where settings.prefetch is on and
+    placement.device is CUDA, or on any device with `force` (the tests run the same class on the CPU, without
+    streams); on cpu and hpu the loaders as they are (Habana's own ones included)."""
+    if not settings.prefetch or not (force or placement.device.type == 'cuda'):
+        return built
+    return built._replace(train=prefetch.onto_device(built.train, placement),
+                          val=prefetch.onto_device(built.val, placement))
 
 
 class SyntheticBatches:

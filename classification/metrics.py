@@ -137,10 +137,12 @@ class MetricsFile(NoMetrics):
               file=sys.stderr, flush=True)
 
     def header(self, *, args, recipe, device, world_size, batch_size, steps_per_epoch, start=FROM_THE_START,
-               test_only=False):
+               test_only=False, precision=None):
         """The run's identity: command line, parsed arguments (`args`: a plain dict, checkpoints.plain_args),
-        recipe, code and library versions, device, ranks and batch, and where it starts (`start`: RunStart);
-        for a resume, the checkpoint and the epoch and step it continues at."""
+        recipe, code and library versions, device and what decides its arithmetic (`precision`:
+        the device layer's precision_settings(): --amp, --hmp, on CUDA TF32 and the deterministic kernels),
+        ranks and batch, and where it starts (`start`: RunStart); for a resume, the checkpoint and the epoch and
+        step it continues at."""
         import torch
         import torchvision
         start_epoch, resume_position, resume = start
@@ -153,7 +155,8 @@ class MetricsFile(NoMetrics):
                   'mode': 'test-only' if test_only else 'train', 'resumed_from': resumed_from,
                   'command': list(sys.argv), 'recipe': recipe, 'git_commit': git_commit(),
                   'torch_version': torch.__version__, 'torchvision_version': torchvision.__version__,
-                  'python_version': platform.python_version(), 'device': device, 'world_size': world_size,
+                  'python_version': platform.python_version(), 'device': device, 'precision': precision,
+                  'world_size': world_size,
                   'batch_size': batch_size, 'global_batch': self.global_batch, 'steps_per_epoch': steps_per_epoch,
                   'args': args}
         self._write(record)

@@ -68,7 +68,8 @@ def loader_settings(args, *, seed, seeded, batch_size, cache_dataset=False):
         loader_seed=seed if seeded else int(torch.randint(2 ** 31, ()).item()),
         train_crop_size=args.train_crop_size, val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
         cache_dataset=cache_dataset, output_dir=args.output_dir, augmentation=augmentation(args),
-        plain_crop_epochs=has_plain_crop_epochs(args), synthetic_images=args.dataset_size)
+        plain_crop_epochs=has_plain_crop_epochs(args), synthetic_images=args.dataset_size,
+        prefetch=getattr(args, 'prefetch', True))
 
 
 def check(args):

@@ -5,6 +5,7 @@ Neither adds a device sync to a step: ranks agree on a stop through a non-blocki
 step later, and the loss watch is read only where a step already waits for the device (logged steps).
 """
 import datetime
+import math
 import signal
 import sys
 import time
@@ -92,24 +93,81 @@ class NonFiniteLoss(CleanExit):
 
 class NonFiniteLossWatch:
     """Remembers, on the device and without syncing, the first step whose loss was NaN or infinite;
-    `check` reads it where the step already waits for the device (logged steps, end of epoch)."""
+    `check` reads it where the step already waits for the device (logged steps, end of epoch).
+
+    With --amp float16 (`scaler`: the device's torch.amp.GradScaler) a non-finite loss is first an overflow:
+    the scaler skips that step (the weights do not change) and halves its scale. Only SKIPS_IN_A_ROW such
+    steps in a row mean a divergence; fewer are reported in a `note:` line, as are the gradient overflows the
+    scaler skipped with a finite loss (seen as its scale going down)."""
 
     NONE = 2 ** 62
+    SKIPS_IN_A_ROW = 5
 
-    def __init__(self, device):
+    def __init__(self, device, scaler=None):
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.scaler = scaler
+        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_scale = scaler.get_scale() if scaler is not None else None
         self.lr_at = {}
 
     def track(self, loss, step, lr):
         bad = ~torch.isfinite(loss.detach())
-        step_t = torch.full((), step, dtype=torch.int64, device=self.first_bad.device)
+        first = step
+        if self.scaler is not None:
+            self.in_a_row = torch.where(bad, self.in_a_row + 1, torch.zeros_like(self.in_a_row))
+            bad = self.in_a_row >= self.SKIPS_IN_A_ROW
+            first = step - self.SKIPS_IN_A_ROW + 1
+        step_t = torch.full((), first, dtype=torch.int64, device=self.first_bad.device)
         self.first_bad = torch.where(bad & (self.first_bad == self.NONE), step_t, self.first_bad)
         self.lr_at[step] = lr
 
-    def check(self, epoch):
-        step = int(self.first_bad.item())
+    def pending(self):
+        """The 0-d tensors `check_values` reads, for a logged step to read them with its own figures at once."""
+        if self.scaler is None:
+            return [self.first_bad]
+        # GradScaler keeps its scale on the device in `_scale` (get_scale() would wait for the device).
+        scale = getattr(self.scaler, '_scale', None)
+        return [self.first_bad, scale if scale is not None else torch.tensor(self.scaler.get_scale())]
+
+    def check(self, epoch, model=None):
+        """Read the watch (one wait for the device) and check it; at an epoch's end under a loss scaler, also
+        `model`'s floating-point buffers: a float16 overflow in a forward passes through BatchNorm's running
+        statistics, which the skipped step does not undo, and non-finite ones would make every evaluation NaN."""
+        pending = self.pending()
+        buffers = [t for t in model.buffers() if t.is_floating_point()] if self.scaler is not None and model else []
+        if buffers:
+            pending.append(torch.stack([torch.isfinite(t).all() for t in buffers]).all())
+        values = [t.item() for t in pending]
+        self.check_values(values[:2] if self.scaler is not None else values[:1], epoch)
+        if buffers and not values[-1]:
+            raise NonFiniteLoss(f'epoch {epoch}: BatchNorm running statistics are not finite after a float16 '
+                                'overflow in a forward; stopped without saving, the last checkpoint is the last good '
+                                'state. --resume from it with a lower --lr, or --amp-dtype bfloat16')
+
+    def check_values(self, values, epoch):
+        """Check what pending() held, read to the host (`values`): raise NonFiniteLoss on a divergence."""
+        step = int(values[0])
         if step != self.NONE:
-            raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, step {step} (lr {self.lr_at.get(step)}); '
+            skipped = (f'{self.SKIPS_IN_A_ROW} steps in a row from step {step} under --amp float16 (the loss scaler '
+                       'skipped them; the weights are as before them)' if self.scaler is not None else f'step {step}')
+            raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, {skipped} (lr {self.lr_at.get(step)}); '
                                 'stopped without saving, the last checkpoint is the last good state. '
                                 'Lower --lr (or check the data) and --resume from it')
-        self.lr_at.clear()
+        if self.scaler is not None:
+            self._report_skips(float(values[1]), epoch)
+        # keep the learning rates of a run of non-finite losses that may still be growing
+        self.lr_at = {s: lr for s, lr in self.lr_at.items() if s > max(self.lr_at, default=0) - self.SKIPS_IN_A_ROW}
+
+    def _report_skips(self, scale, epoch):
+        """A note when the loss scale went down since the last check: float16 overflows were skipped."""
+        if scale < self.last_scale and _is_first_rank():
+            skips = round(math.log2(self.last_scale / scale))
+            print(f'note: epoch {epoch}: float16 overflow: the loss scaler skipped {skips} step(s) since the last '
+                  f'log line and lowered its scale from {self.last_scale:g} to {scale:g}; a skipped step leaves the '
+                  'weights as they were (not a divergence)', flush=True)
+        self.last_scale = scale
+
+
+def _is_first_rank():
+    """Rank 0 of the process group, or a run without one: the scaler is the same on every rank."""
+    return not dist.is_initialized() or dist.get_rank() == 0

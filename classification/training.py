@@ -35,13 +35,38 @@ def hmp_config(enabled, bf16_path, fp32_path, opt_level='O1', verbose=False):
     return devices.HmpConfig(bf16_path, fp32_path, opt_level, verbose) if enabled else None
 
 
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}  # --amp-dtype's choices (timm's names)
+
+
+def amp_dtype(enabled, name=None):
+    """--amp's dtype as the device layer takes it: --amp-dtype (float16 when not given), None without --amp."""
+    if not enabled:
+        if name is not None:
+            raise UsageError(f'--amp-dtype {name} does nothing without --amp: add --amp')
+        return None
+    return AMP_DTYPES[name or 'float16']
+
+
+def check_precision(device_kind, amp, hmp):
+    """--amp (`amp`: its dtype or None) and --hmp are two mixed precisions, and Gaudi has no float16 one."""
+    if amp is not None and hmp:
+        raise UsageError('--amp with --hmp: two mixed precisions at once; give --amp (torch.autocast) or --hmp '
+                         "(Habana's op lists), not both")
+    if amp == torch.float16 and device_kind == 'hpu':
+        raise UsageError('--amp-dtype float16: Gaudi trains in bfloat16, not float16; on hpu use --amp '
+                         '--amp-dtype bfloat16 or --hmp')
+
+
 def start(device, *, output_dir, writes, dist_url, dist_timeout):
     """The device (`device`: devices.DeviceSettings), the output folder (created, probed and locked on the rank
     that writes; `writes` is False for a run that only evaluates) and the process group, in that order.
     Returns (device layer, Ranks). --compile is refused here, before anything is read, on a device that cannot
-    run it."""
+    run it. Repeatable CUDA kernels (device.deterministic) are chosen before the first CUDA call."""
+    if device.deterministic and device.kind == 'cuda':
+        from . import determinism
+        determinism.enable_cuda_determinism()
     dev = devices.create(device.kind, channels_last=device.channels_last, hmp=device.hmp, lazy_mode=device.lazy_mode,
-                         index=device.index)
+                         index=device.index, amp_dtype=device.amp_dtype, tf32=device.tf32)
     if device.compile and dev.compile_refusal:
         raise UsageError(dev.compile_refusal)
     checkpoints.prepare_output_dir(output_dir, writes=writes)
@@ -67,6 +92,9 @@ def build_model(name, num_classes, pretrained=False, **options):
 
 def place_model(dev, model, sync_bn=False, distributed=False):
     """The model on the device, in its layout; with --sync-bn on several ranks, with SyncBatchNorm."""
+    if torch.are_deterministic_algorithms_enabled():  # determinism.enable_cuda_determinism ran (cuda)
+        from . import determinism
+        determinism.make_deterministic(model)  # GoogLeNet's aux pooling by a deterministic route
     model = dev.prepare_model(model)
     if distributed and sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -164,12 +192,14 @@ class StepExtras:
 NO_EXTRAS = StepExtras(NO_SCHEDULE)  # the plain step: the batch as it is, no clipping, EMA or per-step schedule
 
 
-def wrap_ddp(dev, model, distributed, model_name, **ddp_options):
+def wrap_ddp(dev, model, distributed, model_name, bucket_cap_mb=None, habana_bucket_cap_mb=None, **ddp_options):
     """(model to train, model_without_ddp): DistributedDataParallel with the device's settings (ddp_options
-    override them) on several ranks, the model itself on one."""
+    override them; --bucket-cap-mb is `bucket_cap_mb`, a trainer's own Habana bucket size, used on hpu only,
+    `habana_bucket_cap_mb`) on several ranks, the model itself on one."""
     if not distributed:
         return model, model
-    ddp_model = nn.parallel.DistributedDataParallel(model, **dict(dev.ddp_kwargs(model_name), **ddp_options))
+    kwargs = dev.ddp_kwargs(model_name, bucket_cap_mb, habana_bucket_cap_mb)
+    ddp_model = nn.parallel.DistributedDataParallel(model, **dict(kwargs, **ddp_options))
     return ddp_model, ddp_model.module
 
 
@@ -212,7 +242,19 @@ def resume(checkpoint, dev, model_without_ddp, optimizer, schedule, model_key, e
         else:
             print('--model-ema: the checkpoint has no EMA weights; the average starts from the resumed model')
             dev.load_module_state(ema.module, dev.module_state(model_without_ddp))
+    resume_scaler(dev.scaler, checkpoint.get('scaler'))
     return Resumed(start_epoch, position, checkpoint.get('rng_state'), checkpoint)
+
+
+def resume_scaler(scaler, saved):
+    """The loss scaler of --amp float16 goes on at the scale the checkpoint saved (upstream's `scaler` key)."""
+    if scaler is not None and saved:
+        scaler.load_state_dict(saved)
+    elif scaler is not None:
+        print('note: --resume: the checkpoint has no loss scaler state (written without --amp float16): the '
+              f'scaler starts at its initial scale, {scaler.get_scale():g}')
+    elif saved:
+        print("note: --resume: the checkpoint's loss scaler state (--amp float16) is not used by this run")
 
 
 def check_optimizer_state(saved, optimizer):
@@ -245,21 +287,39 @@ def resume_position(checkpoint):
 
 def train_step(model, loss_fn, optimizer, dev, image, target, clip_grad_norm=None):
     """One optimisation step, with the device's lazy-graph cuts and mixed precision around it, and the gradients'
-    norm clipped to `clip_grad_norm` when given."""
+    norm clipped to `clip_grad_norm` when given. With --amp float16 the device's loss scaler scales the loss,
+    unscales the gradients before clipping, and skips the step when they overflowed (weights unchanged; the
+    scale halves), as torchvision's reference does."""
+    scaler = dev.scaler
     dev.mark_step('before_forward')
     with dev.autocast():
         output = model(image)
         loss = loss_fn(output, target)
     optimizer.zero_grad(set_to_none=True)
     dev.mark_step('before_backward')
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     dev.mark_step('after_backward')
     with dev.optimizer_step_context():
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     dev.mark_step('after_step')
     return output, loss
+
+
+def logged_figures(dev, watch, epoch, *values):
+    """A logged step's `values` (0-d tensors: its loss, accuracies) as Python floats, read together with what
+    `watch` (stopping.NonFiniteLossWatch) holds in one device-to-host transfer, after the watch has checked the
+    steps of `epoch` so far: raises stopping.NonFiniteLoss on a divergence."""
+    host = dev.read_scalars(list(values) + watch.pending())
+    watch.check_values(host[len(values):], epoch)
+    return host[:len(values)]
 
 
 # --- Epochs: where they start, where a stop leaves them, and saving ------------------------------------------------
@@ -331,6 +391,8 @@ def save_checkpoint(dev, model_without_ddp, optimizer, fields, paths, *, model_n
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         if fields.get('model_ema') is not None:
             fields = dict(fields, model_ema=dev.module_state(fields['model_ema']))
+        if dev.scaler is not None:
+            fields = dict(fields, scaler=dev.scaler.state_dict())
         checkpoint = checkpoints.stamp({model_key: model_state, 'optimizer': optimizer_state, **fields},
                                        model_name, len(classes), classes)
         if position is not None:

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, read_until, run_script, script_env
+from conftest import REPO, TINY_IMAGES, free_port, mpirun_prefix, read_until, run_script, script_env, start_process
 
 from classification import devices, distributed, launcher
 import main as googlenet_trainer
@@ -61,10 +61,16 @@ def test_a_plain_process_is_rank_zero_of_one():
 
 @pytest.mark.parametrize('model_name, bucket_mb', [('resnet50', 100), ('mobilenet_v2', 100), ('resnet152', 200),
                                                    ('resnext101_32x4d', 200)])
-def test_ddp_buckets_are_the_sizes_the_original_meant(model_name, bucket_mb):
-    kwargs = devices.create('cpu').ddp_kwargs(model_name)
-    assert kwargs['bucket_cap_mb'] == bucket_mb
+def test_hpu_ddp_buckets_are_the_sizes_the_original_meant(model_name, bucket_mb):
+    assert devices.ddp_bucket_cap_mb(model_name) == bucket_mb
+
+
+def test_cpu_and_cuda_ddp_buckets_are_torchs_unless_bucket_cap_mb_sets_them():
+    dev = devices.create('cpu')
+    kwargs = dev.ddp_kwargs('resnet152', habana_bucket_cap_mb=200)  # Habana's values count on hpu only
+    assert 'bucket_cap_mb' not in kwargs  # torch's default: 25 MB buckets all-reduced during the backward
     assert kwargs.get('forward_sync_buffers', kwargs.get('broadcast_buffers')) is False
+    assert dev.ddp_kwargs('resnet50', bucket_cap_mb=50)['bucket_cap_mb'] == 50
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,6 +210,40 @@ def test_the_timeout_report_names_rank_zero_when_its_store_does_not_answer():
                       'within 1 s either); the process group timed out after --dist-timeout 30 s')
 
 
+def watched_store(peer_beat):
+    """A rendezvous store holding rank 1's heartbeat `peer_beat`, and rank 0's Heartbeat and PeerWatch on it
+    (silence after 1 s; no liveness group: no process group in this process)."""
+    port = free_port()
+    store = dist.TCPStore('localhost', port, 2, True, datetime.timedelta(seconds=10), wait_for_workers=False)
+    store.set('heartbeat/1', json.dumps(peer_beat))
+    beating = distributed.Heartbeat(0, 2, 600, ('localhost', port))
+    beating.watching = True
+    return store, beating, distributed.PeerWatch(beating, None, judges_silence=True, silent_after_s=1)
+
+
+def test_the_watch_names_a_rank_whose_heartbeat_stopped_changing_as_the_timeout_report_does():
+    store, beating, watch = watched_store({'time': time.time() - 40, 'position': [2, 17], 'ended': None})
+    assert beating.fresh_beats(5)[1]['position'] == [2, 17]
+    assert watch.verdict(time.monotonic()) is None  # first seen just now: silence counts on this host's clock
+    time.sleep(1.2)
+    assert beating.fresh_beats(5) is not None
+    assert re.fullmatch(r'rank 1 stopped answering \(last heard 4\d s ago, at epoch 2 step 17\); no heartbeat for 1 s, '
+                        r'so this rank stops now rather than wait out --dist-timeout 600 s',
+                        watch.verdict(time.monotonic()))
+    beating.forgive(time.monotonic())  # this process was stopped itself: what it saw of the others does not count
+    assert watch.verdict(time.monotonic()) is None
+    time.sleep(1.2)
+    store.set('heartbeat/1', json.dumps({'time': time.time(), 'position': [2, 18], 'ended': None}))  # beats again
+    assert beating.fresh_beats(5)[1]['position'] == [2, 18] and watch.verdict(time.monotonic()) is None
+
+
+def test_the_watch_stops_without_a_word_once_another_rank_finished_as_planned():
+    store, beating, watch = watched_store({'time': time.time(), 'position': [1, 5], 'ended': 'finished'})
+    time.sleep(1.2)  # silent since: a finished rank no longer beats
+    assert beating.fresh_beats(5)[1]['ended'] == 'finished'
+    assert watch.verdict(time.monotonic()) is None and watch.stopping.is_set()
+
+
 # Real processes: a frozen rank, two jobs on one machine, leftover scheduler variables.
 FAULT_RUN = ['--device', 'cpu', '--model', 'resnet18', '--batch-size', '4', '--workers', '2', '--print-freq', '2',
              '--epochs', '50']  # plus TINY_IMAGES for train.py (the demo wrappers have no crop-size flags)
@@ -289,6 +329,95 @@ def test_a_frozen_rank_ends_the_demo_wrapper_run_with_one_line_naming_it(jpeg_da
     assert proc.returncode != 0 and waited < FROZEN_RANK_END_S, rest[-3000:]
     assert re.search(FROZEN_RANK_LINE, rest, flags=re.M), rest[-3000:]
     assert 'Traceback' not in rest
+
+
+def start_two_ranks(data, out, *flags):
+    """Ranks 0 and 1 of a job started directly with the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK),
+    no launcher between them and the test: each rank's own output and exit status, and a frozen rank stays
+    frozen (mpirun would end it)."""
+    port = free_port()
+    return [start_process(['train.py', '--data-path', data, '--output-dir', f'{out}/rank{rank}', *FAULT_RUN,
+                           *TINY_IMAGES, *flags], RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR='localhost',
+                          MASTER_PORT=port)
+            for rank in (0, 1)]
+
+
+def end_all(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # also a stopped one; its loader workers follow it (pidfd)
+        proc.communicate()
+
+
+def wait_for_end(proc, limit_s):
+    """(output, exit status) of a started rank that must end within limit_s."""
+    try:
+        return proc.communicate(timeout=limit_s)[0], proc.returncode
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'the rank was still running {limit_s} s later')
+
+
+# The main group's timeout is far beyond the test's wait: gloo's own exception cannot be what gives the line, as
+# NCCL's (an abort by its watchdog) cannot. The watch's verdict comes SILENT_AFTER_S after it first saw the last
+# heartbeat (read once per heartbeat interval), at its next tick.
+WATCHED_TIMEOUT_S = 300
+WATCH_INTERVAL_S = min(distributed.MAX_HEARTBEAT_INTERVAL_S, WATCHED_TIMEOUT_S / 10)
+SILENCE_VERDICT_S = distributed.SILENT_AFTER_S + WATCH_INTERVAL_S + distributed.WATCH_TICK_S
+WATCHED_RUN = ['--dl-worker-type', 'MP', '--dist-timeout', str(WATCHED_TIMEOUT_S)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('frozen', [1, 0])
+def test_a_rank_frozen_in_a_collective_that_never_times_out_is_named_from_the_heartbeats(jpeg_dataset, tmp_path,
+                                                                                          frozen):
+    """What NCCL shows before its watchdog fires: the main group's collective never returns and never raises, while
+    the heartbeats still work. The rank still running names the frozen one and ends, exit status 1."""
+    procs = start_two_ranks(jpeg_dataset, tmp_path, *WATCHED_RUN)
+    watcher = procs[1 - frozen]
+    try:
+        read_until(procs[0], r'^Epoch: \[0\]  \[2/')
+        os.kill(procs[frozen].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, status = wait_for_end(watcher, SILENCE_VERDICT_S + 20)  # plus reading the store and the exit
+        waited = time.monotonic() - stopped
+    finally:
+        end_all(procs)
+    errors = re.findall(r'^error: .*$', out, flags=re.M)
+    rather = f'so this rank stops now rather than wait out --dist-timeout {WATCHED_TIMEOUT_S} s'
+    if frozen == 1:
+        found = re.fullmatch(r'error: rank 1 stopped answering \(last heard (\d+) s ago, at epoch 0 step \d+\); '
+                             rf'no heartbeat for 15 s, {rather}', errors[0] if errors else '')
+        assert found and 15 <= int(found.group(1)) <= SILENCE_VERDICT_S + 2, errors  # + the read, rounding
+    else:
+        assert errors and re.fullmatch(r'error: rank 0 stopped answering \(its rendezvous store at localhost:\d+ did '
+                                       rf'not answer for 15 s\), {rather}', errors[0]), out[-3000:]
+    assert len(errors) == 1 and status == 1 and 'Traceback' not in out, out[-3000:]
+    assert distributed.SILENT_AFTER_S - WATCH_INTERVAL_S <= waited < SILENCE_VERDICT_S + 20, waited
+    print(f'rank {1 - frozen} ended {waited:.1f} s after rank {frozen} froze')
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_the_other_waits_in_a_collective_ends_it_with_one_line(jpeg_dataset, tmp_path):
+    """Rank 1 freezes, so rank 0 waits in the main group's collective, then dies: gloo's exception (here) and the
+    watch's liveness group (what remains under NCCL) both see it; one line comes out, exit status 1, at once."""
+    procs = start_two_ranks(jpeg_dataset, tmp_path, *WATCHED_RUN)
+    try:
+        read_until(procs[0], r'^Epoch: \[0\]  \[2/')
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        time.sleep(2)  # rank 0 reaches the step's all-reduce (a step takes well under a second) and waits there
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, status = wait_for_end(procs[0], distributed.SILENT_AFTER_S)
+        waited = time.monotonic() - killed
+    finally:
+        end_all(procs)
+    errors = re.findall(r'^error: .*$', out, flags=re.M)
+    assert len(errors) == 1 and re.fullmatch(r"error: another rank ended \(Connection (closed|reset) by peer.*\), so "
+                                             r"this rank stops too; that rank's own output says why", errors[0]), \
+        out[-3000:]
+    assert status == 1 and 'Traceback' not in out, out[-3000:]
+    assert waited < distributed.WATCH_TICK_S + distributed.STORE_ANSWER_WAIT_S + 5, waited
+    print(f'rank 0 ended {waited:.1f} s after rank 1 was killed')
 
 
 def without_master_port():
