@@ -266,7 +266,7 @@ def test_the_aux_route_equals_torchvisions_outputs_and_gradients(height, width):
 def test_in_float64_the_aux_route_is_torchvisions_to_the_last_bits():
     theirs, ours = aux_pair()
     x = torch.randn(2, 512, 14, 14, dtype=torch.float64)
-    (out_a, grads_a), (out_b, grads_b) = output_and_gradients(theirs.double(), x), output_and_gradients(ours.double(), x)
+    (out_a, grads_a), (out_b, grads_b) = (output_and_gradients(module.double(), x) for module in (theirs, ours))
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip([out_a, *grads_a], [out_b, *grads_b]))
 
 
