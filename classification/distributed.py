@@ -438,11 +438,14 @@ class Heartbeat:
         self.answered_at = now
         self.heard_at = dict.fromkeys(self.heard_at, now)
 
-    def silent_peers(self, now, after_s):
-        """{rank: last heartbeat or None} of the other ranks whose heartbeat has not changed for after_s."""
+    def silent_peers(self, after_s):
+        """{rank: last heartbeat or None} of the other ranks whose heartbeat has not changed over after_s of
+        rounds the store answered. Counted to the last answered round, not to now: while the store itself is
+        silent (rank 0 frozen), every beat read before looks a little staler than the store's last answer,
+        and it is the store that must be named."""
         beats = self.latest[1]
         return {rank: beats.get(rank) for rank, heard in self.heard_at.items()
-                if rank != self.rank and now - heard > after_s}
+                if rank != self.rank and self.answered_at - heard > after_s}
 
     def a_rank_finished(self):
         return any(beat and beat.get('ended') == 'finished' for beat in self.latest[1].values())
@@ -730,7 +733,7 @@ class PeerWatch:
             where = f'{hb.store[0]}:{hb.store[1]}'
             return (f'rank 0 stopped answering (its rendezvous store at {where} did not answer for '
                     f'{self.silent_after_s:.0f} s), {rather}')
-        silent = hb.silent_peers(now, self.silent_after_s)
+        silent = hb.silent_peers(self.silent_after_s)
         if silent:
             return f'{stopped_ranks(silent, time.time())}; no heartbeat for {self.silent_after_s:.0f} s, {rather}'
         return None

@@ -237,6 +237,21 @@ def test_the_watch_names_a_rank_whose_heartbeat_stopped_changing_as_the_timeout_
     assert beating.fresh_beats(5)[1]['position'] == [2, 18] and watch.verdict(time.monotonic()) is None
 
 
+def test_a_frozen_rank_0_is_named_as_the_store_not_from_the_beats_read_before_its_store_went_silent():
+    """Rank 0 holds the store: frozen, it stops answering and stops beating at once. The last beat read came in a
+    round that began a little before the store's last answer, so it would look silent first (CI once named rank 0
+    'before its first training step' that way). Silence counts over answered rounds only."""
+    heartbeat = distributed.Heartbeat(1, 2, 600, None)
+    heartbeat.store = ('localhost', 29500)
+    now = time.monotonic()
+    heartbeat.latest = (now - 1.3, {0: {'time': time.time() - 1.3, 'position': None, 'ended': None}, 1: None})
+    heartbeat.heard_at, heartbeat.answered_at = {0: now - 1.3, 1: now - 1.3}, now - 0.9
+    watch = distributed.PeerWatch(heartbeat, None, judges_silence=True, silent_after_s=1)
+    assert watch.verdict(now) is None
+    assert re.fullmatch(r'rank 0 stopped answering \(its rendezvous store at localhost:29500 did not answer for 1 s\), '
+                        r'so this rank stops now rather than wait out --dist-timeout 600 s', watch.verdict(now + 0.2))
+
+
 def test_the_watch_stops_without_a_word_once_another_rank_finished_as_planned():
     store, beating, watch = watched_store({'time': time.time(), 'position': [1, 5], 'ended': 'finished'})
     time.sleep(1.2)  # silent since: a finished rank no longer beats
