@@ -308,6 +308,7 @@ def check_args(args):
         ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    loaders.check_kind(args.dl_worker_type, args.data_path)
     recipe_flags.check(args)
     metrics.check_tensorboard(args.tensorboard, args.output_dir)
     training.check_precision(TORCH_DEVICE_KIND[args.device], training.amp_dtype(args.is_amp, args.amp_dtype),
@@ -445,10 +446,7 @@ def get_args_parser(add_help=True):
                         help='cpu, hpu or gpu (CUDA)')
     parser.add_argument('--dist-url', default='env://', help='url used to set up distributed training')
     distributed.add_timeout_flag(parser)
-    parser.add_argument('--dl-worker-type', default='MP', type=lambda x: x.upper(),
-                        choices=['MP', 'HABANA', 'FAST'],
-                        help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
-                             'fast JPEG pipeline where it is not installed; FAST: the fast JPEG pipeline')
+    cli.add_loader_kind_arg(parser, default='MP')
     parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                         help='evaluate model on validation set')
     parser.add_argument('--enable-lazy', action='store_true',

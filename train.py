@@ -169,6 +169,7 @@ def check_args(args):
                         ('--val-crop-size', args.val_crop_size, 1),
                         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    loaders.check_kind(args.dl_worker_type, args.data_path)
     benchmark_modes.check(args.mode, args.bench_warmup, args.bench_iterations, args.benchmark_batch_sizes, args.compile)
     if args.apex:
         raise UsageError('--apex: NVIDIA apex is not supported by this port (upstream replaced it with '
@@ -359,10 +360,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--device', default='hpu', choices=('hpu', 'cuda', 'cpu'), help='device')
     parser.add_argument('-b', '--batch-size', default=128, type=int, help='per-process batch size')
     parser.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
-    parser.add_argument('--dl-worker-type', default='HABANA', type=lambda x: x.upper(),
-                        choices=('MP', 'HABANA', 'FAST'),
-                        help='MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the '
-                             'fast JPEG pipeline where it is not installed; FAST: the fast JPEG pipeline')
+    cli.add_loader_kind_arg(parser, default='HABANA')
     parser.add_argument('-j', '--workers', default=10, type=int, metavar='N', help='number of data loading workers')
     parser.add_argument('--lr', default=0.1, type=float, help='initial learning rate')
     parser.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum')

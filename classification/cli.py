@@ -94,6 +94,16 @@ def check_at_least(limits):
             raise UsageError(f'{flag} must be at least {least}, got {value}')
 
 
+LOADER_KINDS = ('MP', 'HABANA', 'FAST', 'DALI')
+LOADER_HELP = ('MP: torch DataLoader with PIL transforms; HABANA: habana_dataloader, or the fast JPEG pipeline '
+               'where it is not installed; FAST: the fast JPEG pipeline; DALI: NVIDIA DALI (decodes on the GPU on '
+               f'cuda, with its CPU operators elsewhere; pip install nvidia-dali-cuda130)')
+
+
+def add_loader_kind_arg(parser, default, help=LOADER_HELP):
+    parser.add_argument('--dl-worker-type', default=default, type=str.upper, choices=LOADER_KINDS, help=help)
+
+
 def add_hmp_args(parser, bf16_default, fp32_default):
     """Habana mixed precision flags, shared by both trainers (they differ only in the defaults)."""
     parser.add_argument('--hmp', dest='is_hmp', action='store_true', help='enable hmp mode')

@@ -160,6 +160,25 @@ def random_resized_crop_box(height, width, rng):
     return ratio_clamped_centre_box(height, width)
 
 
+def sample_rng(seed, epoch, index):
+    """The generator of one sample's augmentation: it depends on (seed, epoch, sample index) only."""
+    return np.random.default_rng(samplers.sample_seed(seed, epoch, index))
+
+
+def augmented_crop(height, width, rng):
+    """((top, left, h, w), flip) of RandomResizedCrop and RandomHorizontalFlip(0.5), drawn in that order."""
+    box = random_resized_crop_box(height, width, rng)
+    return box, rng.random() < 0.5
+
+
+def plain_crop(resized_h, resized_w, crop_size, rng):
+    """(top, left, flip) of a random crop_size crop of an image resized to (resized_h, resized_w), then a flip:
+    the training crop of the epochs without scale/aspect augmentation."""
+    top = int(rng.integers(0, max(resized_h - crop_size, 0) + 1))
+    left = int(rng.integers(0, max(resized_w - crop_size, 0) + 1))
+    return top, left, rng.random() < 0.5
+
+
 def ratio_clamped_centre_box(height, width):
     """The fallback of RandomResizedCrop: the whole image, cut to the nearest allowed aspect ratio."""
     min_ratio, max_ratio = 3 / 4, 4 / 3
@@ -261,24 +280,21 @@ class TrainBatches(ImageBatches):
 
     def _augment_into(self, out, epoch, index):
         """Write sample `index`'s random crop, flipped with probability 0.5, into out."""
-        rng = np.random.default_rng(samplers.sample_seed(self.seed, epoch, index))
         image = EncodedImage(self.samples[index][0])
-        box = random_resized_crop_box(image.height, image.width, rng)
+        box, flip = augmented_crop(image.height, image.width, sample_rng(self.seed, epoch, index))
         reduction = dct_reduction(box[2], box[3], self.out_size, self.out_size)
         resize_into(out, image.decode_box(box, reduction, self.region_decode))
-        if rng.random() < 0.5:
+        if flip:
             out.copy_(out.flip(1))
 
     def _plain_crop_into(self, out, epoch, index):
-        rng = np.random.default_rng(samplers.sample_seed(self.seed, epoch, index))
         image = EncodedImage(self.samples[index][0])
         resized_h, resized_w = resized_shape(image.height, image.width, self.plain_resize_size)
         resized = torch.empty((resized_h, resized_w, 3), dtype=torch.uint8)
         resize_into(resized, image.decode())
-        top = int(rng.integers(0, max(resized_h - self.out_size, 0) + 1))
-        left = int(rng.integers(0, max(resized_w - self.out_size, 0) + 1))
+        top, left, flip = plain_crop(resized_h, resized_w, self.out_size, sample_rng(self.seed, epoch, index))
         out.copy_(resized[top:top + self.out_size, left:left + self.out_size])
-        if rng.random() < 0.5:
+        if flip:
             out.copy_(out.flip(1))
 
 

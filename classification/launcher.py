@@ -377,8 +377,8 @@ def demo_parser(description):
 
 
 def add_loader_flag(parser, default):
-    parser.add_argument('--dl-worker-type', default=default, type=str.upper, choices=('MP', 'HABANA', 'FAST'),
-                        help=f'data loader; FAST is this port\'s JPEG pipeline (default: {default})')
+    cli.add_loader_kind_arg(parser, default, help=f'data loader; FAST is this port\'s JPEG pipeline, DALI NVIDIA\'s '
+                                                  f'(default: {default})')
 
 
 def add_launch_flags(parser, world_size, process_per_node, dist_flag, world_size_short=()):

@@ -1,12 +1,15 @@
 """The one entry point of the input pipelines: `build` turns a dataset folder and the loader settings into
-the training and validation loaders of the asked --dl-worker-type (MP, HABANA or FAST), with their samplers.
+the training and validation loaders of the asked --dl-worker-type (MP, HABANA, FAST or DALI), with their
+samplers.
 
 MP is torch's DataLoader with the reference PIL transforms; FAST the fast JPEG pipeline (fast_jpeg.py),
 whose uint8 batches are normalised on the device; HABANA Habana's habana_dataloader, or FAST where that
-package is not installed. `--data-path synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once
+package is not installed; DALI NVIDIA DALI's pipeline (dali.py: on the GPU on CUDA, its CPU operators
+elsewhere), fed with the same samplers' batches as FAST, its batches normalised already. `--data-path synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once
 on the device, normalised there as FAST's, for measuring compute alone. Every loader yields (images, targets)
-ready for the device layer; on CUDA each is wrapped in prefetch.Prefetcher (LoaderSettings.prefetch), which
-copies (and normalises) the next batch on a side stream while the current step computes.
+ready for the device layer; on CUDA each but DALI's (which runs a batch ahead on its own) is wrapped in
+prefetch.Prefetcher (LoaderSettings.prefetch), which copies (and normalises) the next batch on a side stream while
+the current step computes.
 """
 import math
 import time
@@ -15,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import data, fast_jpeg, prefetch, samplers, schedules
+from . import dali, data, fast_jpeg, prefetch, samplers, schedules
 from .cli import UsageError
 
 SYNTHETIC = 'synthetic'              # the --data-path that selects synthetic data (DLE's --data-backend name)
@@ -28,7 +31,7 @@ class Loaders(NamedTuple):
     train_sampler: object  # set_epoch(epoch, position) before each epoch; position_after() after a stop
     train: object          # training loader
     val: object            # validation loader
-    kind: str              # the loader that really runs: MP, HABANA, FAST or SYNTHETIC
+    kind: str              # the loader that really runs: MP, HABANA, FAST, DALI or SYNTHETIC
 
 
 def habana_dataloader_class():
@@ -38,6 +41,13 @@ def habana_dataloader_class():
     except ImportError:
         return None
     return habana_dataloader.HabanaDataLoader
+
+
+def check_kind(requested, data_path=None):
+    """Refuse, before any work starts, a loader whose optional package is missing where nothing can stand in
+    for it (DALI; HABANA falls back to FAST). Synthetic data runs no loader."""
+    if requested == 'DALI' and data_path != SYNTHETIC:
+        dali.check_available()
 
 
 def resolve_kind(requested, say=True):
@@ -141,6 +151,7 @@ def build(data_path, settings, ranks, placement, force_prefetch=False):
     if data_path == SYNTHETIC:
         return prefetched(build_synthetic(settings, ranks, placement.device), settings, placement, force_prefetch)
     kind = resolve_kind(settings.kind)
+    check_kind(kind, data_path)
     check_augmentation(kind, settings.augmentation, settings.plain_crop_epochs)
     cache_dir = data.dataset_cache_dir(settings.output_dir) if settings.cache_dataset else None
     dataset, dataset_test = load_datasets(data_path, train_crop_size=settings.train_crop_size,
@@ -164,6 +175,9 @@ def build(data_path, settings, ranks, placement, force_prefetch=False):
                       for ds, sampler, is_train in splits)
     elif kind == 'FAST':
         train, val = fast_jpeg.build_loaders(dataset, dataset_test, train_sampler, test_sampler, settings, placement)
+    elif kind == 'DALI':
+        train, val = dali.build_loaders(dataset, dataset_test, train_sampler, test_sampler, settings, placement.device)
+        return Loaders(classes, train_sampler, train, val, kind)  # on the device already, a batch ahead
     else:
         train, val = (data.make_loader(ds, sampler, train=is_train, batch_size=settings.batch_size,
                                        workers=settings.workers, placement=placement, seed=settings.loader_seed)
