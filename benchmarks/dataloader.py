@@ -1,12 +1,15 @@
-"""Images per second per loader worker: the fast JPEG pipeline against the reference MP pipeline.
+"""Images per second per loader worker: the fast JPEG pipeline and NVIDIA DALI's against the reference MP pipeline.
 
-Both read the same ImageFolder with the same number of workers and batch size; the reference is the
+All read the same ImageFolder with the same number of workers and batch size; the reference is the
 project's MP loader (PIL + torchvision transforms, float normalised batches), the fast one is
-fast_jpeg (uint8 batches, normalised later on the device). With --to-device each batch also goes
-through the device layer's to_device on the CPU, as in CPU training, so both end as normalised float
+fast_jpeg (uint8 batches, normalised later on the device), DALI is --dl-worker-type DALI's pipeline with
+its CPU operators (normalised float channels_last batches; --workers is its CPU threads, 0 meaning 1),
+left out with a line saying why where nvidia.dali cannot be imported. With --to-device each batch also goes
+through the device layer's to_device on the CPU, as in CPU training, so all end as normalised float
 channels_last batches. Epochs of the pipelines alternate; medians are reported, as wall-clock img/s
 per worker and as images per CPU-second of the loader workers (the figure that other processes on a
-shared machine disturb least).
+shared machine disturb least). DALI decodes in its own threads inside this process, so its CPU-seconds
+are the whole process's (its threads and the main thread, which reads the files and their headers).
 
     python benchmarks/dataloader.py                       # writes an ImageNet-like folder itself
     python benchmarks/dataloader.py --data DIR --workers 1 --repeats 5
@@ -24,9 +27,12 @@ from torch.utils.data import BatchSampler
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from classification import data, devices, fast_jpeg, samplers  # noqa: E402
+from classification import dali, data, devices, fast_jpeg, loaders, samplers  # noqa: E402
+from classification.cli import UsageError  # noqa: E402
 import sample_data  # noqa: E402
 from machine import describe  # noqa: E402  (benchmarks/machine.py)
+
+DALI_ROW = 'DALI, CPU ops'
 
 
 def parse_args():
@@ -45,7 +51,8 @@ def parse_args():
 
 def build(root, args, dev):
     """{split: {pipeline: (loader, sampler)}} over the same files. 'fast, whole decode' is the fast
-    pipeline without the region decoder (shown only where csrc/build.sh has built it)."""
+    pipeline without the region decoder (shown only where csrc/build.sh has built it); DALI_ROW where DALI
+    can be imported."""
     train = data.image_folder(os.path.join(root, 'train'), data.train_transform(224))
     val = data.image_folder(os.path.join(root, 'val'), data.eval_transform(256, 224))
     train_sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0)
@@ -67,7 +74,25 @@ def build(root, args, dev):
         batches = samplers.EpochBatchSampler(train_sampler, args.batch_size)
         pipelines['train']['fast, whole decode'] = (fast_jpeg.batch_loader(whole, batches, args.workers, **options),
                                                     train_sampler)
+    dali_loaders = build_dali(train, val, train_sampler, val_sampler, args, dev)
+    if dali_loaders is not None:
+        pipelines['train'][DALI_ROW] = (dali_loaders[0], train_sampler)
+        pipelines['val'][DALI_ROW] = (dali_loaders[1], val_sampler)
     return pipelines
+
+
+
+def build_dali(train, val, train_sampler, val_sampler, args, dev):
+    """(train, val) DALI loaders over the same files and samplers (--workers: its CPU threads), or None, said in
+    one line, where nvidia.dali cannot be imported."""
+    try:
+        dali.import_dali()
+    except UsageError as err:
+        print(f'the {DALI_ROW} row is left out: {err}')
+        return None
+    settings = loaders.LoaderSettings(kind='DALI', batch_size=args.batch_size, workers=args.workers,
+                                      train_crop_size=224, val_resize_size=256, val_crop_size=224)
+    return dali.build_loaders(train, val, train_sampler, val_sampler, settings, dev.torch_device)
 
 
 def workers_cpu_seconds():
@@ -83,21 +108,27 @@ def workers_cpu_seconds():
     return total / os.sysconf('SC_CLK_TCK')
 
 
+def cpu_clock(loader):
+    """Where a loader's CPU time shows: its worker processes' (workers_cpu_seconds), or this whole process's
+    (time.process_time) with no workers, and for DALI, whose threads run in this process."""
+    workers = getattr(getattr(loader, 'loader', loader), 'num_workers', 0)  # NormalizedOnDevice wraps a DataLoader
+    return workers_cpu_seconds if workers else time.process_time
+
+
 def epoch_rate(loader, sampler, epoch, dev):
     """(img/s, img per worker CPU-second) over one epoch; each batch goes through dev.to_device when
     dev is given. With no workers, the main process's CPU time stands in for the workers'."""
     if hasattr(sampler, 'set_epoch'):
         sampler.set_epoch(epoch)
     images = 0
-    start, cpu_start, own_start = time.perf_counter(), workers_cpu_seconds(), time.process_time()
+    clock = cpu_clock(loader)
+    start, cpu_start = time.perf_counter(), clock()
     for image, target in loader:
         if dev is not None:
             image, target = dev.to_device(image, target)
         images += image.shape[0]
     wall = time.perf_counter() - start
-    workers = getattr(loader, 'loader', loader).num_workers  # NormalizedOnDevice wraps a DataLoader
-    cpu = workers_cpu_seconds() - cpu_start if workers else time.process_time() - own_start
-    return images / wall, images / max(cpu, 1e-9)
+    return images / wall, images / max(clock() - cpu_start, 1e-9)
 
 
 def compare(pipelines, args, dev=None):
@@ -128,6 +159,9 @@ def run(root, args):
     pipelines = build(root, args, dev)
     print(f'machine: {describe()}; data: {root}; workers {args.workers}, batch {args.batch_size}, '
           f'{args.repeats} timed epochs each, medians, to_device {"on" if args.to_device else "off"}')
+    if DALI_ROW in pipelines['train']:
+        print(f'{DALI_ROW}: "worker" is one of its {max(args.workers, 1)} CPU threads; its CPU-s are the whole '
+              "process's (its threads decode in it; the main thread reads the files)")
     for split in (('train', 'val') if args.split == 'both' else (args.split,)):
         report(split, compare(pipelines[split], args, dev if args.to_device else None), args.workers)
 

@@ -101,7 +101,8 @@ def image_size(encoded, path):
             height = None
         if height is not None:
             data.check_image_size(path, width, height)
-            if encoded.rfind(END_OF_IMAGE) < encoded.rfind(START_OF_SCAN):
+            end = encoded.rfind(END_OF_IMAGE)  # at the very end of a whole file: a short search
+            if end < 0 or encoded.find(START_OF_SCAN, end) >= 0:
                 raise fast_jpeg.ImageDecodeError.for_file(path, 'the JPEG data ends before its end-of-image '
                                                                 'marker: the file is truncated')
             return height, width
