@@ -88,7 +88,7 @@ def build_dali(train, val, train_sampler, val_sampler, args, dev):
     try:
         dali.import_dali()
     except UsageError as err:
-        print(f'the {DALI_ROW} row is left out: {err}')
+        print(f"the '{DALI_ROW}' row is left out: {err}")
         return None
     settings = loaders.LoaderSettings(kind='DALI', batch_size=args.batch_size, workers=args.workers,
                                       train_crop_size=224, val_resize_size=256, val_crop_size=224)

@@ -21,7 +21,13 @@ the checkpoints (torch.load(weights_only=True), every tensor compared bit for bi
               CPU-written mid-epoch checkpoint resumed on the GPU, and a GPU-written one on the CPU (with
               --device cpu both are cpu -> cpu, as the rows say)
   data.*      the same model on real JPEGs (sample_data.py --imagenet-like, written to local disk) through
-              --dl-worker-type FAST with as many workers as cores, with (q) and without the CUDA prefetch
+              --dl-worker-type FAST with as many workers as cores, with (q) and without the CUDA prefetch, and
+              through --dl-worker-type DALI (q; decoding on the GPU, device 'mixed', with as many CPU threads as
+              cores; its CPU operators with --device cpu) against FAST; each with the CPU the whole job used
+              (CPU-seconds per image and cores busy in the steps after the warm-up, its loader workers included)
+              and the cores that would keep the GPU at the synthetic run's pace (repeat.train_default's img/s).
+              Where NVIDIA DALI is not installed (nvidia-dali-cuda130, about 480 MB) the DALI row says so, SKIP:
+              not measured, not a failure
   infer.*     latency mean/p90/p99 at batch 1 and 256: train.py --mode benchmark-inference (q) and inference.py
               (q; from its output lines as they arrive: JPEG decode and transforms included)
 
@@ -31,8 +37,8 @@ main.py --seed twice and the two cross-device resumes.
 The peak GPU memory of the training-loop runs (main.py, the FAST and repeat rows) is read by running the entry
 point under a few lines that record torch.cuda.max_memory_allocated() when it ends (PEAK_PROBE: the script runs
 as __main__, unchanged); benchmark-training reports its own per batch size. Ratios are against a baseline
-measured in the same run. A FAIL makes the exit status 1; gpu_check.json is rewritten after every row, so a
-run cut short keeps what it measured.
+measured in the same run. A FAIL makes the exit status 1 (a SKIP does not); gpu_check.json is rewritten after
+every row, so a run cut short keeps what it measured.
 """
 import argparse
 import json
@@ -56,6 +62,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+from classification import dali  # noqa: E402
+from classification.cli import UsageError  # noqa: E402
 from machine import cpu_capability, describe  # noqa: E402  (benchmarks/machine.py)
 
 PEAK_PROBE = '''
@@ -147,12 +155,18 @@ class Finished(NamedTuple):
 
 
 class Row(dict):
-    """One check's result: key, title, status (PASS/FAIL), figure, values, peak GPU memory, seconds."""
+    """One check's result: key, title, status (PASS/FAIL, or SKIP: not measured here), figure, values, peak GPU
+    memory, seconds."""
 
     @classmethod
     def make(cls, key, title, passed, figure, values=None, peak=None, seconds=0.0):
         return cls(key=key, title=title, status='PASS' if passed else 'FAIL', figure=figure, values=values or {},
                    peak_memory_bytes=peak, seconds=round(seconds, 1))
+
+    @classmethod
+    def not_measured(cls, key, title, why):
+        """A row this machine cannot measure (it lacks an optional package): reported, not a failure."""
+        return cls(cls.make(key, title, True, f'not measured: {why}'), status='SKIP')
 
 
 class Check:
@@ -268,7 +282,7 @@ class Check:
         report = dict(machine=self.machine, device=self.sizes.device, quick=self.quick, sizes=self.sizes._asdict(),
                       started=time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started)),
                       elapsed_s=round(time.time() - self.started, 1),
-                      passed=all(row['status'] == 'PASS' for row in self.rows), rows=self.rows)
+                      passed=all(row['status'] != 'FAIL' for row in self.rows), rows=self.rows)
         with open(self.json_path + '.tmp', 'w') as f:
             json.dump(report, f, indent=1)
         os.replace(self.json_path + '.tmp', self.json_path)
@@ -363,9 +377,11 @@ def repeat_train_py(check):
     sizes = check.sizes
     loop = check.training_loop_flags()
     default_out = check.folder('repeat_default')
-    default = check.train_py(default_out, *loop, *AMP_BF16, probe=True)
+    cpu = CpuUse()
+    default = check.train_py(default_out, *loop, *AMP_BF16, probe=True, on_line=cpu)
     baseline = loop_row(check, 'repeat.train_default', f'train.py default run ({sizes.model}, --amp bf16)', default,
                         default_out)
+    add_cpu_use(check, baseline, cpu)
     check.record(baseline)
     return [repeat_pair(check, 'repeat.train_deterministic', f'train.py --deterministic x2 ({sizes.model}, --amp bf16)',
                         lambda out: check.train_py(out, *loop, *AMP_BF16, '--deterministic', '--save-checkpoint',
@@ -545,23 +561,93 @@ def fast_rows(check, jpegs):
                  f'{"prefetch" if prefetch == "True" else "--prefetch False"}'
                  + ('' if sizes.device == 'cuda' else ' (the prefetch works on CUDA only)'))
         check.guarded(key, title, fast_row, check, key, title, jpegs, prefetch)
+    where = "decoding on the GPU, 'mixed'" if sizes.device == 'cuda' else 'its CPU operators: no GPU'
+    title = f'{sizes.model} --amp bf16 on JPEGs, DALI ({where}), {check.cores} threads'
+    check.guarded('data.dali', title, dali_row, check, title, jpegs)
 
 
-def fast_row(check, key, title, jpegs, prefetch):
+def jpeg_loop_row(check, key, title, jpegs, loader_flags, baseline):
+    """train.py's training loop on the JPEG folder with `loader_flags` and a loader worker (or DALI thread) per
+    core: loop_row against the row `baseline`, with the CPU use of the whole job (add_cpu_use)."""
     out = check.folder(key)
     flags = check.training_loop_flags()
     flags[flags.index('--dataset-size'):flags.index('--dataset-size') + 2] = []  # the folder's images
-    finished = check.train_py(out, '--data-path', jpegs, '--dl-worker-type', 'FAST', *flags, *AMP_BF16,
-                              '--prefetch', prefetch, workers=check.cores, probe=True)
-    row = loop_row(check, key, title, finished, out, baseline='repeat.train_default')
+    cpu = CpuUse()
+    finished = check.train_py(out, '--data-path', jpegs, *loader_flags, *flags, *AMP_BF16, workers=check.cores,
+                              probe=True, on_line=cpu)
+    row = loop_row(check, key, title, finished, out, baseline=baseline)
     if row['status'] == 'PASS':
         row['values']['workers'] = check.cores
+        add_cpu_use(check, row, cpu)
+    return row
+
+
+def fast_row(check, key, title, jpegs, prefetch):
+    row = jpeg_loop_row(check, key, title, jpegs, ['--dl-worker-type', 'FAST', '--prefetch', prefetch],
+                        'repeat.train_default')
     if prefetch == 'False' and row['status'] == 'PASS':
         with_prefetch = check.value('data.fast_prefetch', 'img_per_s')
         if with_prefetch:
             row['values']['prefetch_speed_up'] = with_prefetch / row['values']['img_per_s']
             row['figure'] += f'; prefetch is {with_prefetch / row["values"]["img_per_s"]:.2f}x this'
     return [row]
+
+
+def dali_row(check, title, jpegs):
+    """--dl-worker-type DALI against data.fast_prefetch: img/s, and the cores each needs to keep up; SKIP where
+    DALI cannot be imported (it is too large to bring along to a lent GPU machine)."""
+    key = 'data.dali'
+    try:
+        dali.import_dali()
+    except UsageError as err:
+        return [Row.not_measured(key, title, str(err))]
+    row = jpeg_loop_row(check, key, title, jpegs, ['--dl-worker-type', 'DALI'], 'data.fast_prefetch')
+    fast_cores = check.value('data.fast_prefetch', 'cores_to_keep_up')
+    if fast_cores and 'cores_to_keep_up' in row['values']:
+        ratio = row['values']['cores_to_keep_up'] / fast_cores
+        row['values']['cores_vs_data.fast_prefetch'] = ratio
+        row['figure'] += f' ({ratio:.2f}x data.fast_prefetch\'s {fast_cores:.1f})'
+    return [row]
+
+
+class CpuUse:
+    """on_line for a training-loop run: at each 'Epoch: [0] [N/M]' log line, the step, the time and the CPU-seconds
+    so far of the run's process group (group_cpu_seconds), so that the steps after the warm-up are measured
+    without the start-up (imports, the file list, building the model)."""
+
+    def __init__(self):
+        self.samples = []
+
+    def __call__(self, proc, line):
+        step = EPOCH_LINE.match(line)
+        if step:
+            self.samples.append((int(step.group(1)), time.perf_counter(), group_cpu_seconds(proc.pid)))
+
+    def steady(self, warm_steps, batch):
+        """(CPU-seconds per image, cores busy: CPU-seconds per second) from the first log line at or after
+        step `warm_steps` to the last one; None with fewer than two such lines."""
+        kept = [sample for sample in self.samples if sample[0] >= warm_steps]
+        if len(kept) < 2 or kept[-1][0] == kept[0][0]:
+            return None
+        (first_step, first_time, first_cpu), (last_step, last_time, last_cpu) = kept[0], kept[-1]
+        used = last_cpu - first_cpu
+        return used / ((last_step - first_step) * batch), used / (last_time - first_time)
+
+
+def add_cpu_use(check, row, cpu):
+    """Add to a PASS training-loop row what its whole job's CPU did in the steady steps (CpuUse: CPU-ms per image,
+    cores busy), and, but for the synthetic run itself, the cores it would need at the synthetic run's pace
+    (repeat.train_default's img/s: the GPU with no input pipeline to wait for)."""
+    use = cpu.steady(check.sizes.warm_steps, check.sizes.batch) if row['status'] == 'PASS' else None
+    if use is None:
+        return
+    per_image, busy = use
+    row['values'].update(cpu_s_per_image=per_image, cores_busy=busy)
+    row['figure'] += f'; CPU {per_image * 1000:.2f} ms per image, {busy:.1f} cores busy'
+    pace = check.value('repeat.train_default', 'img_per_s')
+    if pace and row['key'] != 'repeat.train_default':
+        row['values']['cores_to_keep_up'] = per_image * pace
+        row['figure'] += f', {per_image * pace:.1f} cores at repeat.train_default\'s {pace:,.0f} img/s'
 
 
 def inference_rows(check, jpegs):
@@ -701,6 +787,21 @@ def format_bytes(count):
     return '-' if count is None else f'{count / 2 ** 30:.1f} GiB'
 
 
+def group_cpu_seconds(pgid):
+    """CPU-seconds (user + system, with those of their children already reaped) so far of the live processes of
+    process group `pgid`: an entry point this check started (its own group) and its loader workers."""
+    ticks = 0
+    for pid in (name for name in os.listdir('/proc') if name.isdigit()):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[2]) == pgid:  # pgrp; utime, stime, cutime, cstime follow at 11-14
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf('SC_CLK_TCK')
+
+
 def end_group(proc, signum):
     """Send `signum` to the process group of a process this check started (it and its loader workers)."""
     try:
@@ -727,6 +828,15 @@ def print_table(check):
               f"{format_bytes(row['peak_memory_bytes'])} | {row['seconds']:.0f} |")
 
 
+def outcome(check):
+    """('17 of 19 checks PASS; not measured: ...; FAIL: ...', the keys that FAILed: they make the exit status 1)."""
+    keys = {status: [row['key'] for row in check.rows if row['status'] == status] for status in ('SKIP', 'FAIL')}
+    counted = f"{len(check.rows) - len(keys['SKIP']) - len(keys['FAIL'])} of {len(check.rows)} checks PASS"
+    for status, words in (('SKIP', 'not measured'), ('FAIL', 'FAIL')):
+        counted += f"; {words}: {', '.join(keys[status])}" if keys[status] else ''
+    return counted, keys['FAIL']
+
+
 def expected_keys(device, quick):
     """The rows a run writes (for its test and for readers of gpu_check.json)."""
     keys = ['train.fp32_tf32', 'train.amp_bf16']
@@ -735,7 +845,7 @@ def expected_keys(device, quick):
     keys += ['train.googlenet_amp_bf16', 'repeat.train_default', 'repeat.train_deterministic', 'resume.sigterm']
     if not quick:
         keys += ['repeat.main_seed', 'resume.cpu_to_gpu', 'resume.gpu_to_cpu']
-    keys += ['data.jpegs', 'data.fast_prefetch'] + ([] if quick else ['data.fast_no_prefetch'])
+    keys += ['data.jpegs', 'data.fast_prefetch'] + ([] if quick else ['data.fast_no_prefetch']) + ['data.dali']
     keys += ['infer.benchmark_b1', f'infer.benchmark_b{(CUDA_SIZES if device == "cuda" else CPU_SIZES).infer_batch}']
     return keys + ['infer.inference_py_b1',
                    f'infer.inference_py_b{(CUDA_SIZES if device == "cuda" else CPU_SIZES).infer_batch}']
@@ -781,10 +891,9 @@ def main():
             if check.row(key) is None:
                 check.record(Row.make(key, key, False, 'did not run (see the rows and messages above)'))
         print_table(check)
-        failed = [row['key'] for row in check.rows if row['status'] != 'PASS']
-        print(f"\n{len(check.rows) - len(failed)} of {len(check.rows)} checks PASS"
-              + (f"; FAIL: {', '.join(failed)}" if failed else '') + f'; {time.time() - check.started:.0f} s; '
-              f'results in {args.json}' + (f'; work folder kept: {work}' if args.keep else ''))
+        counted, failed = outcome(check)
+        print(f"\n{counted}; {time.time() - check.started:.0f} s; results in {args.json}"
+              + (f'; work folder kept: {work}' if args.keep else ''))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     sys.exit(1 if failed else 0)
