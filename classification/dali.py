@@ -21,6 +21,7 @@ one batch ahead: the next batch decodes while the current one trains.
 """
 import io
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -47,11 +48,6 @@ def import_dali():
         raise UsageError(f'--dl-worker-type DALI needs NVIDIA DALI, which is not installed ({err}): '
                          f'pip install {PACKAGE} (about 480 MB), or use --dl-worker-type FAST') from None
     return nvidia.dali
-
-
-def check_available():
-    """Refuse --dl-worker-type DALI before any work starts when DALI cannot be imported."""
-    import_dali()
 
 
 class PipelineDevices:
@@ -115,13 +111,13 @@ def image_size(encoded, path):
         raise fast_jpeg.ImageDecodeError.for_file(path, f'{type(err).__name__}: {err}') from None
 
 
-class Plan:
+class Plan(NamedTuple):
     """One sample's DALI inputs: the window of the file to decode (top, left, h, w), the size to resize it to
     (h, w), the box of the resized image to keep (top, left, h, w), and the flip."""
-    __slots__ = ('window', 'resize', 'crop', 'mirror')
-
-    def __init__(self, window, resize, crop, mirror=False):
-        self.window, self.resize, self.crop, self.mirror = window, resize, crop, mirror
+    window: tuple
+    resize: tuple
+    crop: tuple
+    mirror: bool = False
 
 
 def augmented_plan(height, width, out_size, rng):

@@ -5,8 +5,8 @@ samplers.
 MP is torch's DataLoader with the reference PIL transforms; FAST the fast JPEG pipeline (fast_jpeg.py),
 whose uint8 batches are normalised on the device; HABANA Habana's habana_dataloader, or FAST where that
 package is not installed; DALI NVIDIA DALI's pipeline (dali.py: on the GPU on CUDA, its CPU operators
-elsewhere), fed with the same samplers' batches as FAST, its batches normalised already. `--data-path synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once
-on the device, normalised there as FAST's, for measuring compute alone. Every loader yields (images, targets)
+elsewhere), fed with the same samplers' batches as FAST, its batches normalised already. `--data-path
+synthetic` (SYNTHETIC) reads no files: one random uint8 batch made once on the device, normalised there as FAST's, for measuring compute alone. Every loader yields (images, targets)
 ready for the device layer; on CUDA each but DALI's (which runs a batch ahead on its own) is wrapped in
 prefetch.Prefetcher (LoaderSettings.prefetch), which copies (and normalises) the next batch on a side stream while
 the current step computes.
@@ -47,7 +47,7 @@ def check_kind(requested, data_path=None):
     """Refuse, before any work starts, a loader whose optional package is missing where nothing can stand in
     for it (DALI; HABANA falls back to FAST). Synthetic data runs no loader."""
     if requested == 'DALI' and data_path != SYNTHETIC:
-        dali.check_available()
+        dali.import_dali()
 
 
 def resolve_kind(requested, say=True):

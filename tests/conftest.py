@@ -169,6 +169,18 @@ def stop_handlers():
         signal.signal(signum, handler)
 
 
+def require_dali():
+    """Skip a test of --dl-worker-type DALI where DALI is not installed; on CI (CI=true), where .ci/run installs
+    it, fail instead."""
+    from classification import dali
+    try:
+        dali.import_dali()
+    except Exception as err:
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(f'DALI must be installed on CI (.ci/run installs {dali.PACKAGE}): {err}')
+        pytest.skip(f'{dali.PACKAGE} is not installed')
+
+
 def mpirun_prefix(n):
     """A real OpenMPI launch of n ranks on this machine (oversubscribed: CI has 2 cores)."""
     if shutil.which('mpirun') is None:

@@ -1,6 +1,7 @@
 """The DALI pipeline (dali.py) with DALI's CPU operators: the batches against FAST's and the reference
 transforms, the samplers' order and shards, bad files, DALI's threads, and real runs of both trainers (stopped
-and resumed, on 2 ranks through mpirun and the demo wrapper). The GPU variant differs only in its device
+and resumed, on 2 ranks through mpirun and the demo wrapper; the single-process stops are test_preemption's, which
+run every loader). The GPU variant differs only in its device
 strings; benchmarks/gpu_check.py measures it where DALI is installed next to a GPU.
 
 DALI is an optional package: without it these tests skip, except on CI (CI=true), where .ci/run installs it and
@@ -17,11 +18,11 @@ from torchvision import transforms
 
 import main as googlenet
 import train
-from conftest import TINY_IMAGES, mpirun_prefix, read_until, run_in_process, run_script, start_process
+from conftest import TINY_IMAGES, mpirun_prefix, read_until, require_dali, run_in_process, run_script, start_process
 from test_fast_jpeg import CROP, RESIZE, VAL_CROP, expected_train_pixels, folders, ks_statistic, reference_val_pixels
 from test_data import claim_size, mp_pixels
 from test_demos import dry_run, printed_command
-from test_preemption import STOPPED, assert_clean, finish, trained_per_rank, weights
+from test_preemption import STOPPED, assert_clean, finish, trained_per_rank
 
 from classification import dali, data, devices, distributed, fast_jpeg, loaders, samplers
 
@@ -29,22 +30,12 @@ CPU = torch.device('cpu')
 ONE_RANK = distributed.Ranks(0, 1, 0, False)
 
 
-def dali_or_skip():
-    """Skip without DALI; on CI, where .ci/run installs it, fail instead."""
-    try:
-        dali.import_dali()
-    except Exception as err:
-        if os.environ.get('CI', '').lower() == 'true':
-            pytest.fail(f'DALI must be installed on CI (.ci/run installs {dali.PACKAGE}): {err}')
-        pytest.skip(f'{dali.PACKAGE} is not installed')
-
-
 needs_dali = pytest.mark.usefixtures('installed_dali')
 
 
 @pytest.fixture
 def installed_dali():
-    dali_or_skip()
+    require_dali()
 
 
 def built(root, kind, batch_size=8, workers=None, ranks=ONE_RANK, **settings):
@@ -280,29 +271,6 @@ def run_flags(batch_size=4):
 
 
 RUN = run_flags()
-
-
-@pytest.mark.slow
-@needs_dali
-def test_sigterm_mid_epoch_and_a_resume_end_with_the_weights_of_an_uninterrupted_run(jpeg_dataset, tmp_path):
-    common = ['--data-path', jpeg_dataset, *RUN, *TINY_IMAGES, '--epochs', '1', '--deterministic', '--save-checkpoint',
-              '--num-eval-steps', '1']
-    straight = run_script(['train.py', *common, '--output-dir', str(tmp_path / 'straight')])
-    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
-    proc = start_process(['train.py', *common, '--output-dir', str(tmp_path / 'cut')])
-    read_until(proc, r'^Epoch: \[0\]  \[ 4/12\]')
-    os.killpg(proc.pid, signal.SIGTERM)
-    log = finish(proc)
-    assert proc.returncode == 0, log[-3000:]
-    assert_clean(log)
-    stopped = STOPPED.search(log)
-    assert stopped and stopped.group(1) == 'SIGTERM', log[-3000:]
-    step, position, path = int(stopped.group(3)), int(stopped.group(4)), stopped.group(6)
-    resumed = run_script(['train.py', *common, '--output-dir', str(tmp_path / 'cut'), '--resume', path])
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert f'Resuming epoch 0 at step {step + 1} ({position} of its 48 samples trained)' in resumed.stdout
-    straight_model, resumed_model = weights(tmp_path / 'straight' / 'model_0.pth'), weights(tmp_path / 'cut' / 'model_0.pth')
-    assert all(torch.equal(straight_model[k], resumed_model[k]) for k in straight_model)
 
 
 @pytest.mark.slow
