@@ -16,7 +16,8 @@ from collections import namedtuple
 import torch
 from torchvision.models import GoogLeNetOutputs
 
-from classification import checkpoints, cli, devices, distributed, loaders, metrics, recipe_flags, stopping, training
+from classification import (checkpoints, cli, devices, distributed, faults, loaders, metrics, recipe_flags, stopping,
+                            training)
 import utils
 from classification.cli import UsageError
 
@@ -379,7 +380,8 @@ def main(args):
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
-    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank)
+    faults.watch_surroundings(launched=ranks.distributed)
     images_trained = 0
 
     def save(position):
@@ -431,6 +433,7 @@ def main(args):
     if ranks.distributed:
         distributed.say(f'| rank {ranks.rank}: trained on {images_trained} images')  # one write: mpirun merges ranks
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    return training.status_after_the_last_epoch(stop)
 
 
 def get_args_parser(add_help=True):
@@ -499,4 +502,5 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == '__main__':
-    cli.run_cli(distributed.reporting_stopped_peers(main), recipe_flags.parse_args(get_args_parser(), sys.argv[1:]))
+    sys.exit(cli.run_cli(distributed.reporting_stopped_peers(main),
+                         recipe_flags.parse_args(get_args_parser(), sys.argv[1:])))

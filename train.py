@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from classification import (benchmark_modes, checkpoints, cli, devices, distributed, loaders, metrics, recipe_flags,
-                            stopping, training)
+from classification import (benchmark_modes, checkpoints, cli, devices, distributed, faults, loaders, metrics,
+                            recipe_flags, stopping, training)
 import utils
 from classification.cli import UsageError
 
@@ -268,7 +268,8 @@ def main(args):
         return
 
     print('Start training')
-    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank)
+    faults.watch_surroundings(launched=ranks.distributed)
 
     def save(position):
         return save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, dataset.classes, position,
@@ -312,6 +313,7 @@ def main(args):
     if ranks.distributed:
         distributed.say(f'| rank {ranks.rank}: trained on {images_trained} images')  # one write: mpirun merges ranks
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    return training.status_after_the_last_epoch(stop)
 
 
 def benchmark(args, dev, ranks):
@@ -427,4 +429,5 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == '__main__':
-    cli.run_cli(distributed.reporting_stopped_peers(main), recipe_flags.parse_args(get_args_parser(), sys.argv[1:]))
+    sys.exit(cli.run_cli(distributed.reporting_stopped_peers(main),
+                         recipe_flags.parse_args(get_args_parser(), sys.argv[1:])))

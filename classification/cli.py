@@ -9,7 +9,12 @@ import sys
 
 # The signals that ask a run to stop after the current step and save: SIGTERM (schedulers' preemption)
 # and SIGUSR1 (SLURM's --signal; mpirun forwards it to every rank without killing them).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A scheduler's stop: the run saves and exits 0 (SIGTERM: SLURM, Kubernetes, PBS; SIGUSR1: SLURM's --signal and
+# the one mpirun forwards without killing; SIGUSR2: SGE's -notify, LSF's warning action).
+CLEAN_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Every signal the trainer answers by saving, then exiting 128 + N for the last three: the terminal or ssh
+# session gone (SIGHUP), Ctrl-C or LSF's bkill (SIGINT; a second one stops at once), a CPU-time limit (SIGXCPU).
+STOP_SIGNALS = CLEAN_STOP_SIGNALS + (signal.SIGHUP, signal.SIGINT, signal.SIGXCPU)
 
 
 class CleanExit(Exception):
@@ -23,9 +28,11 @@ class UsageError(CleanExit):
 
 
 def run_cli(main, *args):
-    """Run `main(*args)`, turning a CleanExit into one line on stderr and its exit status."""
+    """Run `main(*args)` and return the process's exit status: main's when it returns an int (a stop's,
+    stopping.GracefulStop.exit_status), else 0; a CleanExit becomes one line on stderr and its status."""
     try:
-        return main(*args)
+        status = main(*args)
+        return status if type(status) is int else 0
     except CleanExit as err:
         sys.stderr.write(f'error: {err}\n')  # not print(): on ranks > 0 print is silenced
         sys.stderr.flush()

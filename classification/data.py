@@ -16,7 +16,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from . import output_folder, progress, samplers
+from . import faults, output_folder, progress, samplers
 from .cli import STOP_SIGNALS, UsageError, end_loader_workers, stop_signals_blocked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -373,9 +373,16 @@ class SignalSafeLoader(DataLoader):
     """A DataLoader whose worker processes (and the forkserver they come from) start with the stop signals
     blocked: a SIGTERM sent to the whole process group, as clusters send it, must reach only the trainer,
     which finishes its step and saves. Before, the forkserver died of it and took every worker with it
-    ('DataLoader worker exited unexpectedly'), losing the run."""
+    ('DataLoader worker exited unexpectedly'), losing the run. A worker that dies all the same (the
+    out-of-memory killer) stops the run after the step, which saves (faults.surviving_worker_loss)."""
 
     def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        faults.ignore_torchs_worker_sigchld()
+        return faults.surviving_worker_loss(self, self._start_workers)
+
+    def _start_workers(self):
         with stop_signals_blocked():
             # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (rather than restore
             # the mask): start it first, then block again for the forkserver and workers.
@@ -395,6 +402,8 @@ def end_with_trainer(trainer_pid):
     import threading
     try:
         trainer = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:  # the trainer died while this worker started (a rank killed as validation began)
+        os._exit(1)
     except (AttributeError, OSError):  # no pidfd (Linux < 5.3): torch's parent watchdog is all there is
         return
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import cli, recipes, REPO_ROOT
+from . import cli, faults, recipes, REPO_ROOT
 from .cli import UsageError
 
 HERE = REPO_ROOT  # the trainers and the op lists
@@ -256,7 +256,9 @@ def run(launch):
     (cli.STOP_SIGNALS) to the wrapper or to its whole group, as schedulers send it, reaches the trainer as
     a request to finish its step and save; to mpirun it goes as SIGUSR1, which mpirun forwards to every
     rank and then waits for them (SIGTERM would make mpirun kill them after odls_base_sigkill_timeout).
-    SIGINT (Ctrl-C) is passed on as it is.
+    SIGINT (Ctrl-C) is passed on as it is. When the wrapper dies, however it dies (kill -9 included), the
+    command gets SIGTERM (faults.die_with_parent): mpirun then ends every rank with its kill sequence, in
+    which they save (MPIRUN_KILL_GRACE), so nothing of the job outlives the wrapper by more than twice it.
     """
     if launch.mpi_prefix:
         print(launch.mpi_prefix)
@@ -266,17 +268,21 @@ def run(launch):
     if through_mpirun:
         env.setdefault(MPIRUN_KILL_GRACE_VARIABLE, MPIRUN_KILL_GRACE)
     try:
-        child = subprocess.Popen(launch.command, env=env, process_group=0)
+        child = subprocess.Popen(launch.command, env=env, process_group=0,
+                                 preexec_fn=faults.die_with_parent(signal.SIGTERM, os.getpid()))
     except FileNotFoundError:
         raise UsageError(f"{launch.command[0]} not found on PATH: install OpenMPI (e.g. apt-get install "
                          "openmpi-bin) or run with --world-size 1") from None
     stop_as = signal.SIGUSR1 if through_mpirun else signal.SIGTERM
 
     def pass_on_stop(signum, frame):
-        print(f'{signal.Signals(signum).name} received: asking the trainer to stop after its step and save'
-              + (' (SIGUSR1 through mpirun, which forwards it to every rank)' if through_mpirun else ''),
-              file=sys.stderr, flush=True)
-        child.send_signal(stop_as)
+        child.send_signal(stop_as)  # first: after a SIGHUP the terminal the line goes to may be gone
+        try:
+            print(f'{signal.Signals(signum).name} received: asking the trainer to stop after its step and save'
+                  + (' (SIGUSR1 through mpirun, which forwards it to every rank)' if through_mpirun else ''),
+                  file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
     handlers = dict.fromkeys(cli.STOP_SIGNALS, pass_on_stop)
     handlers[signal.SIGINT] = lambda *_: child.send_signal(signal.SIGINT)

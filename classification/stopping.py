@@ -1,10 +1,12 @@
-"""What stops a run early: the stop signals (SIGTERM, SIGUSR1), on which every rank finishes the same step
-and the run saves, and a NaN or infinite loss, on which it stops without saving.
+"""What stops a run early: the stop signals (SIGTERM, SIGUSR1 and the rest of cli.STOP_SIGNALS) and the
+faults around the trainer (faults.py), on which every rank finishes the same step and the run saves, and a NaN
+or infinite loss, on which it stops without saving.
 
 Neither adds a device sync to a step: ranks agree on a stop through a non-blocking all-reduce read one
 step later, and the loss watch is read only where a step already waits for the device (logged steps).
 """
 import datetime
+import enum
 import math
 import signal
 import sys
@@ -13,24 +15,42 @@ import time
 import torch
 import torch.distributed as dist
 
-from .cli import STOP_SIGNALS, CleanExit
+from .cli import CLEAN_STOP_SIGNALS, STOP_SIGNALS, CleanExit
+
+
+class Fault(enum.IntEnum):
+    """Something around a healthy trainer failed (faults.py); the run stops after the step and saves, as for a
+    signal, then exits 1."""
+    LOADER_WORKER = 1  # a loader worker died (the out-of-memory killer, a full /dev/shm)
+    LAUNCHER = 2       # the launcher (mpirun, its daemon) ended under a rank
+    OUTPUT = 3         # the output stream closed (its pipe's reader or the terminal went away)
+
+
+FAULT_NAMES = {Fault.LOADER_WORKER: "a loader worker's death", Fault.LAUNCHER: 'the end of its launcher',
+               Fault.OUTPUT: 'the loss of its output stream'}
+FAULT_BASE = 10000  # a cause above this is a fault: FAULT_BASE * fault + the rank it happened on
+
+_active = None  # the GracefulStop of the run that is training, which faults.py asks to stop
 
 
 class GracefulStop:
-    """A stop signal (cli.STOP_SIGNALS: SIGTERM, SIGUSR1) asks the run to stop after the current step and save.
+    """A stop signal (cli.STOP_SIGNALS) or a fault around the trainer (Fault, through `request`) asks the run
+    to stop after the current step and save.
 
     A single process stops after the step it is in. Ranks of a distributed run must stop after the same
     step without a blocking sync per step: after each step a rank starts a non-blocking all-reduce of its
-    stop flag on a small CPU (gloo) group, and reads the result after the next step, long after it
+    stop cause on a small CPU (gloo) group, and reads the result after the next step, long after it
     arrived. So every rank sees the same answer at the same step, within two steps of the signal, and the
     device is never synchronised for it. Repeated signals (a scheduler and mpirun both send one) do not
-    cancel the save; SIGINT or SIGKILL stop at once.
+    cancel the save; a second SIGINT (Ctrl-C) stops at once, and SIGKILL does.
     """
 
-    def __init__(self, distributed=False, timeout_s=None):
-        self.signum = 0
+    def __init__(self, distributed=False, timeout_s=None, rank=0):
+        global _active
+        self.signum = 0  # the cause: a signal number, or a fault (FAULT_BASE * Fault + rank); 0 while none
         self.received_at = None
         self.seen_at_step = None  # the step during which this rank saw the signal
+        self.rank = rank
         self.group = None
         if distributed:  # bounded like every other wait for the ranks (--dist-timeout)
             timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
@@ -38,17 +58,48 @@ class GracefulStop:
         self.pending = None  # (work, flag tensor) of the all-reduce started after the previous step
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
+        _active = self
 
     def _handle(self, signum, frame):
         if self.signum:
+            if signum == signal.SIGINT:  # a second Ctrl-C: at once, without saving
+                raise KeyboardInterrupt
             return
-        self.signum, self.received_at = signum, time.time()
-        sys.stderr.write(f'{self.signal_name} received: stopping after this step (ranks agree within two steps) '
-                         'and saving a checkpoint\n')
+        self._set(signum)
+        again = ' (Ctrl-C again: stop at once, without saving)' if signum == signal.SIGINT else ''
+        _write_stderr(f'{self.signal_name} received: stopping after this step (ranks agree within two steps) and '
+                      f'saving a checkpoint{again}\n')
+
+    def request(self, fault):
+        """A fault (Fault) on this rank: stop after this step and save, as for a signal (a run that stops
+        already keeps its first cause)."""
+        if not self.signum:
+            self._set(FAULT_BASE * int(fault) + self.rank)
+
+    def _set(self, cause):
+        self.signum, self.received_at = cause, time.time()
+
+    @property
+    def is_fault(self):
+        return self.signum >= FAULT_BASE
 
     @property
     def signal_name(self):
-        return signal.Signals(self.signum).name if self.signum else None
+        """What stopped the run: SIGTERM and the like, or the fault and the rank it happened on."""
+        if not self.signum:
+            return None
+        if not self.is_fault:
+            return signal.Signals(self.signum).name
+        fault, rank = divmod(self.signum, FAULT_BASE)
+        where = f' on rank {rank}' if self.group is not None else ''
+        return FAULT_NAMES[Fault(fault)] + where
+
+    @property
+    def exit_status(self):
+        """0 after a scheduler's stop (cli.CLEAN_STOP_SIGNALS), 128 + N after another signal N, 1 after a fault."""
+        if self.is_fault:
+            return 1
+        return 0 if self.signum in CLEAN_STOP_SIGNALS else 128 + self.signum
 
     def after_step(self, step):
         """Whether the run stops after `step`, the step just done (every rank gets the same answer)."""
@@ -81,10 +132,38 @@ class GracefulStop:
         return self._agree(flag)
 
     def _agree(self, flag):
-        """Adopt the signal another rank received, so every rank reports the same stop."""
-        if flag.item() and not self.signum:
-            self.signum, self.received_at = int(flag.item()), time.time()
+        """Adopt the cause another rank had (the highest of all), so every rank reports the same stop."""
+        if flag.item() and flag.item() != self.signum:
+            self.signum = int(flag.item())
+            self.received_at = self.received_at or time.time()
         return bool(flag.item())
+
+
+def request(fault):
+    """Ask the run that is training to stop after this step and save, for `fault` (Fault): True, or False when
+    no run is training (before training starts, or a run that only evaluates)."""
+    if _active is None:
+        return False
+    _active.request(fault)
+    return True
+
+
+def forget():
+    """No run is training any more (the in-process tests run several)."""
+    global _active
+    _active = None
+
+
+def rank_prefix():
+    """'rank R: ' in a distributed run that is training, for lines only that rank writes; else ''."""
+    return f'rank {_active.rank}: ' if _active is not None and _active.group is not None else ''
+
+
+def _write_stderr(text):
+    try:
+        sys.stderr.write(text)
+    except OSError:  # the stream is gone (faults.guard_output turns that into a stop of its own)
+        pass
 
 
 class NonFiniteLoss(CleanExit):

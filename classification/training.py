@@ -358,18 +358,30 @@ def unfinished_position(stopped_at, first_step, train_sampler, batch_size):
 
 
 def stop_and_save(stop, save, epoch, position=None, step=None):
-    """Save with `save(position)` (None: a complete epoch) and say where the run stopped and how long it took."""
+    """Save with `save(position)` (None: a complete epoch), say where the run stopped and how long it took, and
+    return the run's exit status (stopping.GracefulStop.exit_status: 0 after a scheduler's stop signal)."""
     started = time.time()
     path = save(position)
+    what = 'fault' if stop.is_fault else 'signal'
     where = f'epoch {epoch} (complete)'
     if position is not None:
-        seen = f', signal seen at step {stop.seen_at_step}' if stop.seen_at_step is not None else ''
+        seen = f', {what} seen at step {stop.seen_at_step}' if stop.seen_at_step is not None else ''
         where = f'epoch {epoch} after step {step} ({position} samples{seen})'
     if path is None:
         print(f'Stopped by {stop.signal_name}; no --output-dir, so no checkpoint was written')
-        return
-    print(f'Stopped by {stop.signal_name}: saved {where} to {path} in {time.time() - started:.1f} s '
-          f'({time.time() - stop.received_at:.1f} s after the signal); continue with --resume {path}')
+    else:
+        print(f'Stopped by {stop.signal_name}: saved {where} to {path} in {time.time() - started:.1f} s '
+              f'({time.time() - stop.received_at:.1f} s after the {what}); continue with --resume {path}')
+    return stop.exit_status
+
+
+def status_after_the_last_epoch(stop):
+    """The exit status of a run that trained every epoch: None (finished), or, when a stop came during the last
+    validation or save (the ranks agree on it here), that stop's status, with one line."""
+    if not stop.at_epoch_end():
+        return None
+    print(f'Stopped by {stop.signal_name} after the last epoch had trained; its validation may be cut short')
+    return stop.exit_status
 
 
 def schedule_fields(schedule, ema=None):

@@ -142,18 +142,18 @@ def run_in_process(script_module, argv):
     """`python <script> argv` run inside the test process, as its `__main__` block runs it (argument
     parsing, then cli.run_cli): returns the exit status (0 when main returns). Use capsys for the output.
     The environment and the stop-signal handlers the trainer installs are restored afterwards."""
-    from classification import cli
-    from classification import recipe_flags
+    from classification import cli, recipe_flags, stopping
     environ = dict(os.environ)
+    streams = sys.stdout, sys.stderr
     handlers = {signum: signal.getsignal(signum) for signum in cli.STOP_SIGNALS}
     try:
-        cli.run_cli(script_module.main, recipe_flags.parse_args(script_module.get_args_parser(), argv))
-        return 0
+        return cli.run_cli(script_module.main, recipe_flags.parse_args(script_module.get_args_parser(), argv)) or 0
     except SystemExit as exit_:
         return exit_.code
     finally:
         output_folder.release_all()  # what the end of the process does
-        os.environ.clear()
+        stopping.forget()
+        sys.stdout, sys.stderr = streams  # faults.guard_output's wrappers go        os.environ.clear()
         os.environ.update(environ)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -203,7 +203,7 @@ def test_plot_draws_two_real_runs_into_one_png(train_run, googlenet_run, tmp_pat
     from PIL import Image
     png = tmp_path / 'curves.png'
     assert cli.run_cli(plot_metrics.main, [str(train_run), str(googlenet_run / 'metrics.jsonl'),
-                                           '--output', str(png)]) is None
+                                           '--output', str(png)]) == 0
     assert capsys.readouterr().out.endswith(f'wrote {png} (2 runs)\n')
     with Image.open(png) as image:
         assert image.size == (1200, 800)

@@ -89,8 +89,14 @@ def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_repeats
     stop = stopping.GracefulStop()
     assert not stop.after_step(0)
     os.kill(os.getpid(), signum)
-    os.kill(os.getpid(), signum)  # a scheduler and mpirun both sending one: still alive, still saving
+    if signum == signal.SIGINT:  # a second Ctrl-C stops at once, without saving
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+    else:
+        os.kill(os.getpid(), signum)  # a scheduler and mpirun both sending one: still alive, still saving
     assert stop.after_step(1) and stop.seen_at_step == 1 and stop.signal_name == signal.Signals(signum).name
+    assert stop.exit_status == (0 if signum in cli.CLEAN_STOP_SIGNALS else 128 + signum)
+    stopping.forget()
 
 
 # --- real runs (subprocesses) ---------------------------------------------------------------------
