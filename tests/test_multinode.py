@@ -414,30 +414,6 @@ def test_killing_the_ranks_of_one_host_ends_the_whole_job_within_a_minute(hosts,
     assert not left, [describe(pid) for pid in left]
 
 
-def job_left_on(hosts):
-    """What of a job still runs on either host: ranks, their loader processes, mpirun, orted."""
-    return [pid for host in (1, 2) for pid in hosts.pids(host)
-            if rank_of(pid) is not None or re.search(rb'\b(mpirun|orted)\b', command_line(pid))]
-
-
-def test_kill_9_of_the_wrapper_ends_the_job_on_both_hosts_within_30_s_and_rank_0_saves(hosts, dataset, tmp_path):
-    """Issue 20: before, mpirun (in a process group of its own) and the ranks of both hosts trained on."""
-    out = tmp_path / 'out'
-    proc = start_long_resnet_run(hosts, dataset, str(out), '--save-checkpoint')
-    read_until(proc, r'^Epoch: \[0\]  \[0/3\]', timeout=180)
-    assert sorted(hosts.ranks_on(2).values()) == [2, 3]
-    proc.kill()  # the wrapper alone: mpirun gets SIGTERM from the kernel and runs its kill sequence
-    killed = time.monotonic()
-    log = hosts.finish(proc, timeout=90)  # mpirun inherited the wrapper's stdout: its lines still come
-    while job_left_on(hosts) and time.monotonic() - killed < 30:
-        time.sleep(0.5)
-    assert not job_left_on(hosts), [command_line(pid) for pid in job_left_on(hosts)]
-    stopped = re.search(r'Stopped by SIGTERM: saved epoch (\d+) ', log)
-    assert stopped, log[-3000:]
-    assert (out / 'checkpoint.pth').is_file()
-    assert 'Traceback' not in log
-
-
 def test_sigterm_to_the_wrapper_saves_a_checkpoint_with_ranks_on_both_hosts(hosts, dataset, tmp_path):
     out = tmp_path / 'out'
     proc = start_long_resnet_run(hosts, dataset, str(out), '--save-checkpoint')
