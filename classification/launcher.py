@@ -257,8 +257,9 @@ def run(launch):
     a request to finish its step and save; to mpirun it goes as SIGUSR1, which mpirun forwards to every
     rank and then waits for them (SIGTERM would make mpirun kill them after odls_base_sigkill_timeout).
     SIGINT (Ctrl-C) is passed on as it is. When the wrapper dies, however it dies (kill -9 included), the
-    command gets SIGTERM (faults.die_with_parent): mpirun then ends every rank with its kill sequence, in
-    which they save (MPIRUN_KILL_GRACE), so nothing of the job outlives the wrapper by more than twice it.
+    command gets the same stop signal (faults.die_with_parent): every rank, on every host, finishes its step,
+    rank 0 saves, and the job ends as after a SIGTERM to the wrapper. (A SIGTERM to mpirun would run its kill
+    sequence instead, which across hosts ends rank 0's store before the other hosts' ranks agree on a step.)
     """
     if launch.mpi_prefix:
         print(launch.mpi_prefix)
@@ -267,13 +268,13 @@ def run(launch):
     through_mpirun = launch.command[0] == 'mpirun'
     if through_mpirun:
         env.setdefault(MPIRUN_KILL_GRACE_VARIABLE, MPIRUN_KILL_GRACE)
+    stop_as = signal.SIGUSR1 if through_mpirun else signal.SIGTERM
     try:
         child = subprocess.Popen(launch.command, env=env, process_group=0,
-                                 preexec_fn=faults.die_with_parent(signal.SIGTERM, os.getpid()))
+                                 preexec_fn=faults.die_with_parent(stop_as, os.getpid()))
     except FileNotFoundError:
         raise UsageError(f"{launch.command[0]} not found on PATH: install OpenMPI (e.g. apt-get install "
                          "openmpi-bin) or run with --world-size 1") from None
-    stop_as = signal.SIGUSR1 if through_mpirun else signal.SIGTERM
 
     def pass_on_stop(signum, frame):
         child.send_signal(stop_as)  # first: after a SIGHUP the terminal the line goes to may be gone

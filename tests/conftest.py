@@ -132,6 +132,15 @@ def descends_from(pid, ancestor):
     return False
 
 
+def command_line(pid):
+    """Process `pid`'s command line, its arguments joined by spaces ('' once it has ended)."""
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f.read().replace(b'\0', b' ').decode(errors='replace')
+    except OSError:
+        return ''
+
+
 def job_processes(root_pid):
     """`root_pid` and every process below it: what a scheduler's cgroup holds (mpirun, ranks, forkservers, loader
     workers)."""

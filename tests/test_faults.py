@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, TINY_IMAGES, job_processes, mpirun_prefix, read_until, run_script, script_env,
+from conftest import (REPO, TINY_IMAGES, command_line, job_processes, mpirun_prefix, read_until, run_script, script_env,
                       start_process)
 from classification import data
 from test_preemption import REAL, assert_clean, finish, trained_per_rank, weights
@@ -34,24 +34,17 @@ def children(pid):
     return found
 
 
-def cmdline(pid):
-    try:
-        with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            return f.read().replace(b'\0', b' ').decode()
-    except OSError:
-        return ''
-
 
 def loader_workers(trainer):
     """The loader worker processes of a trainer: the children of its multiprocessing forkserver."""
-    servers = [pid for pid in children(trainer) if 'forkserver' in cmdline(pid)]
+    servers = [pid for pid in children(trainer) if 'forkserver' in command_line(pid)]
     return [worker for server in servers for worker in children(server)]
 
 
 def rank_process(job_root, rank):
     """The pid of rank `rank` of an mpirun job below `job_root` (from the rank variable mpirun gives it)."""
     for pid in job_processes(job_root):
-        if 'train.py' not in cmdline(pid) or 'mpirun' in cmdline(pid) or 'demo_' in cmdline(pid):
+        if 'train.py' not in command_line(pid) or 'mpirun' in command_line(pid) or 'demo_' in command_line(pid):
             continue
         try:
             with open(f'/proc/{pid}/environ', 'rb') as f:
@@ -330,7 +323,7 @@ def test_kill_9_of_a_demo_wrapper_stops_its_job_which_saves_and_is_gone_within_3
     assert proc.returncode == -signal.SIGKILL
     assert wait_for(lambda: not still_there(job), 30) and time.time() - killed < 30, still_there(job)
     assert_clean(log)
-    stopped = re.search(r'Stopped by SIGTERM: saved epoch (\d+) (after step \d+ \((\d+) samples|\(complete\))', log)
+    stopped = re.search(r'Stopped by SIGUSR1: saved epoch (\d+) (after step \d+ \((\d+) samples|\(complete\))', log)
     assert stopped, log[-3000:]
     saved = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert saved['epoch'] == int(stopped.group(1))

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, TINY_IMAGES, free_port, read_until, script_env
+from conftest import REPO, TINY_IMAGES, command_line, free_port, read_until, script_env
 
 from classification import launcher
 import sample_data
@@ -369,7 +369,7 @@ def start_long_resnet_run(hosts, dataset, output_dir, *extra):
             '--output-dir', output_dir, *extra]
     proc = hosts.start(args, env=hosts.env(**README_VARIABLES))
     deadline = time.monotonic() + WAIT_S
-    while b'demo_resnet.py' not in command_line(proc.pid):  # ip netns exec becomes the wrapper: signals reach it
+    while 'demo_resnet.py' not in command_line(proc.pid):  # ip netns exec becomes the wrapper: signals reach it
         assert proc.poll() is None and time.monotonic() < deadline, command_line(proc.pid)
         time.sleep(0.05)
     return proc
@@ -384,13 +384,6 @@ def describe(pid):
     except OSError:
         return f'{pid} (gone)'
 
-
-def command_line(pid):
-    try:
-        with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            return f.read()
-    except OSError:
-        return b''
 
 
 def test_killing_the_ranks_of_one_host_ends_the_whole_job_within_a_minute(hosts, dataset, tmp_path):
@@ -412,6 +405,30 @@ def test_killing_the_ranks_of_one_host_ends_the_whole_job_within_a_minute(hosts,
         time.sleep(0.5)
     left = hosts.rank_processes(1) + hosts.rank_processes(2)
     assert not left, [describe(pid) for pid in left]
+
+
+def job_left_on(hosts):
+    """What of a job still runs on either host: ranks, their loader processes, mpirun, orted."""
+    return [pid for host in (1, 2) for pid in hosts.pids(host)
+            if rank_of(pid) is not None or re.search(r'\b(mpirun|orted)\b', command_line(pid))]
+
+
+def test_kill_9_of_the_wrapper_ends_the_job_on_both_hosts_within_30_s_and_rank_0_saves(hosts, dataset, tmp_path):
+    """Issue 20: before, mpirun (in a process group of its own) and the ranks of both hosts trained on."""
+    out = tmp_path / 'out'
+    proc = start_long_resnet_run(hosts, dataset, str(out), '--save-checkpoint')
+    read_until(proc, r'^Epoch: \[0\]  \[0/3\]', timeout=180)
+    assert sorted(hosts.ranks_on(2).values()) == [2, 3]
+    proc.kill()  # the wrapper alone: the kernel sends mpirun the wrapper's stop signal (SIGUSR1), which it forwards
+    killed = time.monotonic()
+    log = hosts.finish(proc, timeout=90)  # mpirun inherited the wrapper's stdout: its lines still come
+    while job_left_on(hosts) and time.monotonic() - killed < 30:
+        time.sleep(0.5)
+    assert not job_left_on(hosts), [command_line(pid) for pid in job_left_on(hosts)]
+    stopped = re.search(r'Stopped by SIGUSR1: saved epoch (\d+) ', log)
+    assert stopped, log[-3000:]
+    assert (out / 'checkpoint.pth').is_file()
+    assert 'Traceback' not in log
 
 
 def test_sigterm_to_the_wrapper_saves_a_checkpoint_with_ranks_on_both_hosts(hosts, dataset, tmp_path):
