@@ -8,6 +8,7 @@ Images get the trainers' validation transform (data.eval_transform: resize, cent
 batches through the device layer as the trainers' evaluation does (--device, --channels-last, --hmp). Predictions
 and accuracies go to stdout, notes to stderr.
 """
+import argparse
 import json
 import os
 import sys
@@ -63,14 +64,15 @@ def model_weights(checkpoint, path, ema=False):
     raise UsageError(f"--checkpoint: '{path}' holds no model weights ('model' or 'state_dict')")
 
 
-def build_model(model_name, num_classes, weights, path, saved_args):
+def build_model(model_name, num_classes, weights, path, saved_args, blurpool=False):
     """The model the weights were trained as, weights loaded (on the CPU). GoogLeNet keeps its auxiliary heads
-    when the weights have them, and torchvision's input transform when its run started from ImageNet weights."""
+    when the weights have them, and torchvision's input transform when its run started from ImageNet weights;
+    `blurpool`: the checkpoint's record that its run had --blurpool (BlurPool layers rebuilt)."""
     options = {}
     if model_name == 'googlenet':
         options = dict(aux_logits=any(k.startswith(('aux1.', 'aux2.')) for k in weights), init_weights=False,
                        transform_input=bool(saved_args.get('pretrained')))
-    model = training.build_model(model_name, num_classes, **options)
+    model = training.build_model(model_name, num_classes, blurpool=blurpool, **options)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -162,14 +164,15 @@ def make_loader(items, transform, batch_size, workers, start_method):
 
 # --- Prediction ------------------------------------------------------------------------------------------------
 
-def predict(model, dev, images, labels, k=TOP_K):
+def predict(model, dev, images, labels, k=TOP_K, tta_flip=False):
     """(top-k probabilities, top-k class indices) of a batch, on the CPU, as the trainers evaluate: the device's
-    layout and mixed precision around the forward."""
+    layout and mixed precision around the forward (`tta_flip`: the logits of each image and of its mirror
+    summed, --tta-flip)."""
     with torch.no_grad():
         images, labels = dev.to_device(images, labels)
         dev.mark_step('eval_input')
         with dev.autocast():
-            output = model(images)
+            output = training.eval_logits(model, images, tta_flip)
         probabilities, indices = torch.softmax(output.float(), dim=1).topk(k, dim=1)
     return probabilities.cpu(), indices.cpu()
 
@@ -189,7 +192,7 @@ class Score:
         return 100.0 * hits / max(self.images, 1)
 
 
-def run(model, dev, loader, items, classes):
+def run(model, dev, loader, items, classes, tta_flip=False):
     """Print each image's top-5 as its batch comes back; returns (per-image results, scores per input folder,
     skipped (path, reason))."""
     k = min(TOP_K, len(classes))
@@ -200,7 +203,7 @@ def run(model, dev, loader, items, classes):
             skipped.append((items[index].path, reason))
         if images is None:
             continue
-        probabilities, top = predict(model, dev, images, labels, k)
+        probabilities, top = predict(model, dev, images, labels, k, tta_flip)
         for index, probs, classes_of in zip(indices, probabilities.tolist(), top.tolist()):
             item = items[index]
             ranked = [(classes[c], p) for c, p in zip(classes_of, probs)]
@@ -244,14 +247,17 @@ def main(args):
     dev = devices.create(args.device, channels_last=args.channels_last, hmp=hmp, lazy_mode=args.run_lazy_mode)
     dev.mark_points = frozenset({'eval_input'})  # as the trainers' evaluation cuts the lazy graph
     weights = model_weights(checkpoint, args.checkpoint, args.ema)
-    model = dev.prepare_eval_model(build_model(model_name, len(classes), weights, args.checkpoint, saved_args))
+    model = dev.prepare_eval_model(build_model(model_name, len(classes), weights, args.checkpoint, saved_args,
+                                               bool(checkpoint.get('blurpool'))))
+    tta_flip = args.tta_flip if args.tta_flip is not None else bool(saved_args.get('tta_flip'))
     print(f"{model_name} from '{args.checkpoint}'{' (EMA weights)' if args.ema else ''}, {len(classes)} classes, on "
-          f'{dev.torch_device}; images resized to {resize_size}, center crop {crop_size}', file=sys.stderr)
+          f'{dev.torch_device}; images resized to {resize_size}, center crop {crop_size}'
+          + ('; logits summed with the mirror\'s (--tta-flip)' if tta_flip else ''), file=sys.stderr)
 
     items = list_inputs(args.inputs, classes)
     loader = make_loader(items, data.eval_transform(resize_size, crop_size), args.batch_size, args.workers,
                          dev.worker_start_method)
-    results, scores, skipped = run(model, dev, loader, items, classes)
+    results, scores, skipped = run(model, dev, loader, items, classes, tta_flip)
     report_accuracy(scores, len(skipped))
     if args.output_json:
         write_json(args.output_json, args.checkpoint, model_name, checkpoint.get('classes') is not None, results,
@@ -281,6 +287,9 @@ def get_args_parser(add_help=True):
                         help='resize size (default: the checkpoint\'s training run\'s, else 256)')
     parser.add_argument('--val-crop-size', default=None, type=int,
                         help='center crop size (default: the checkpoint\'s training run\'s, else 224)')
+    parser.add_argument('--tta-flip', action=argparse.BooleanOptionalAction, default=None,
+                        help='sum the logits of each image and of its mirror (default: as the checkpoint\'s run '
+                             'validated)')
     parser.add_argument('--output-json', default=None, metavar='FILE',
                         help='also write every prediction and accuracy to FILE as JSON')
     return parser

@@ -175,11 +175,12 @@ def train(train_loader, model, criterion, optimizer, epoch, dev, print_interval,
 
 
 def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=sys.maxsize, stop=None, label='', *,
-             epoch=None, metrics_file=metrics.NO_METRICS):
+             epoch=None, metrics_file=metrics.NO_METRICS, tta_flip=False):
     """Top-1 accuracy over the whole validation set: each rank evaluates its shard, totals are summed.
     None when a stop signal cut it short (each rank leaves its loop on its own). `label` names the model
     in the lines ('EMA'). The result goes to `metrics_file` as the evaluation after `epoch` (its loss: the
-    average over the printed batches of all ranks)."""
+    average over the printed batches of all ranks). `tta_flip`: each image's logits summed with its mirror's
+    (training.eval_logits)."""
     batch_time = AverageMeter('BatchTime', ':6.3f', WARM_UP_WINDOWS)
     rate = AverageMeter('imgs/s(Inc. DL)', ':6.3f', WARM_UP_WINDOWS)
     losses, top1, top5 = loss_and_accuracy_meters()
@@ -193,7 +194,7 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
             images, target = dev.to_device(images, target)
             dev.mark_step('eval_input')
             with dev.autocast():
-                output = model(images)
+                output = training.eval_logits(model, images, tta_flip)
                 loss = criterion(output, target)
             printed = i % print_interval == 0
             # every batch's accuracy, so the summary is exact; the batch's figures in one read of the device
@@ -257,11 +258,13 @@ def check_aux_heads(state_dict, model, path):
         raise UsageError(f"--resume: '{path}' was trained {how} the auxiliary classifiers; {fix} to resume it")
 
 
-def resume(path, dev, model_without_ddp, optimizer, schedule, model_name, classes, ema=None):
-    """Load model, optimizer and schedule from `path`; returns training.Resumed (best_acc1 in its checkpoint)."""
+def resume(path, dev, model_without_ddp, optimizer, schedule, model_name, classes, ema=None, blurpool=False):
+    """Load model, optimizer and schedule from `path` (a model with BlurPool when `blurpool`, --blurpool); returns
+    training.Resumed (best_acc1 in its checkpoint)."""
     print(f"=> loading checkpoint '{path}'")
     checkpoint = checkpoints.load(path, model_name, len(classes),
-                                  ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'), classes=classes)
+                                  ('epoch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler'), classes=classes,
+                                  blurpool=blurpool)
     check_aux_heads(checkpoint['state_dict'], model_without_ddp, path)
     resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'state_dict', ema)
     print(f"=> loaded checkpoint '{path}' (epoch {checkpoint['epoch']})")
@@ -276,15 +279,16 @@ def drop_aux_heads(model):
     return model
 
 
-def build_model(name, num_classes, pretrained, aux_logits, resuming):
-    """torchvision's model; for googlenet, with auxiliary classifiers unless `aux_logits` is False.
+def build_model(name, num_classes, pretrained, aux_logits, resuming, blurpool=False):
+    """torchvision's model; for googlenet, with auxiliary classifiers unless `aux_logits` is False; with BlurPool
+    when `blurpool` (--blurpool; GoogLeNet has no convolution the rule wraps, check_args refuses it).
 
     GoogLeNet is built with its aux heads and they are removed afterwards, because torchvision's
     ImageNet weights (--pretrained) can only be loaded that way.
     """
     if name != 'googlenet':
-        return training.build_model(name, num_classes, pretrained)
-    model = training.build_model(name, num_classes, pretrained, aux_logits=True, transform_input=pretrained,
+        return training.build_model(name, num_classes, pretrained, blurpool)
+    model = training.build_model(name, num_classes, pretrained, blurpool, aux_logits=True, transform_input=pretrained,
                                  init_weights=not (pretrained or resuming))
     return model if aux_logits else drop_aux_heads(model)
 
@@ -309,8 +313,11 @@ def check_args(args):
         ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    training.check_blurpool(args.model, args.blurpool)
     loaders.check_kind(args.dl_worker_type, args.data_path)
     recipe_flags.check(args)
+    if args.min_res is not None and args.min_res < least_crop:
+        raise UsageError(f'--min-res must be at least {least_crop} for {args.model}, got {args.min_res}')
     metrics.check_tensorboard(args.tensorboard, args.output_dir)
     training.check_precision(TORCH_DEVICE_KIND[args.device], training.amp_dtype(args.is_amp, args.amp_dtype),
                              args.is_hmp)
@@ -344,7 +351,7 @@ def main(args):
 
     print('Creating model ', args.model)
     model = training.place_model(dev, build_model(args.model, num_classes, args.pretrained, not args.no_aux_logits,
-                                                  bool(args.resume)))
+                                                  bool(args.resume), args.blurpool))
     criterion = training.make_criterion(args.label_smoothing)
     optimizer = recipe_flags.make_optimizer(dev, model, args)
     global_batch = ranks.world_size * args.batch_size
@@ -358,7 +365,8 @@ def main(args):
 
     best_acc1, resumed = 0.0, training.NOT_RESUMED
     if args.resume:
-        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema)
+        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema,
+                         args.blurpool)
         best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
     metrics_file = metrics.open_run(args.output_dir, ranks.rank, args.tensorboard)
@@ -367,14 +375,14 @@ def main(args):
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(train_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
-                        test_only=args.evaluate)
+                        test_only=args.evaluate, progressive_resizing=recipe_flags.progressive_resizing(args))
     if args.evaluate:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,
-                 epoch=evaluated, metrics_file=metrics_file)
+                 epoch=evaluated, metrics_file=metrics_file, tta_flip=args.tta_flip)
         if ema is not None:
             validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, label='EMA',
-                     epoch=evaluated, metrics_file=metrics_file)
+                     epoch=evaluated, metrics_file=metrics_file, tta_flip=args.tta_flip)
         return
 
     epoch_time = AverageMeter('EpochTime', ':6.3f')
@@ -390,7 +398,8 @@ def main(args):
 
     for epoch in range(args.start_epoch, args.epochs):
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size, args.seed,
-                                          augment=schedule.augments(epoch))
+                                          augment=schedule.augments(epoch),
+                                          resolution=recipe_flags.training_resolution(args, epoch))
         print('training epoch ', epoch)
         train_start = time.time()
         images, stopped_at = train(train_loader, model, criterion, optimizer, epoch, dev, args.print_interval,
@@ -410,12 +419,13 @@ def main(args):
         if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
             print('validating epoch ', epoch)
             acc1 = validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,
-                            stop, epoch=epoch, metrics_file=metrics_file)
+                            stop, epoch=epoch, metrics_file=metrics_file, tta_flip=args.tta_flip)
             if ema is not None:
                 validate(val_loader, ema, criterion, dev, args.print_interval, args.num_train_steps, stop, label='EMA',
-                         epoch=epoch, metrics_file=metrics_file)
+                         epoch=epoch, metrics_file=metrics_file, tta_flip=args.tta_flip)
         epoch_time.update(time.time() - epoch_start)
-        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=epoch_time.value)
+        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=epoch_time.value,
+                           resolution=recipe_flags.training_resolution(args, epoch))
         epoch_start = time.time()
         ProgressMeter(epoch_progress_total, [epoch_time], prefix=f'END OF EPOCH [{epoch}]:').display(
             epoch - args.start_epoch + 1)

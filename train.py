@@ -77,11 +77,11 @@ def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_
 
 
 def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=sys.maxsize, stop=None, log_suffix='',
-             *, epoch=None, metrics_file=metrics.NO_METRICS):
+             *, epoch=None, metrics_file=metrics.NO_METRICS, tta_flip=False):
     """Top-1 accuracy over the validation set, or None when there was nothing to evaluate or a stop signal
     cut it short (each rank leaves its loop on its own: the only collective is the final sum). `log_suffix`
     names the model in the lines, as torchvision's ('EMA'). The result goes to `metrics_file` as the
-    evaluation after `epoch`."""
+    evaluation after `epoch`. `tta_flip`: each image's logits summed with its mirror's (training.eval_logits)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter='  ', device=dev.collective_device)
     for name in ('loss', 'acc1', 'acc5'):  # every rank must all-reduce the same meters, even with no batch
@@ -94,7 +94,7 @@ def evaluate(model, criterion, data_loader, dev, print_freq=100, num_eval_steps=
             image, target = dev.to_device(image, target)
             dev.mark_step('eval_input')
             with dev.autocast():
-                output = model(image)
+                output = training.eval_logits(model, image, tta_flip)
                 loss = criterion(output, target)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5), on_host=not dev.accuracy_on_device)
             batch_size = image.shape[0]
@@ -169,6 +169,7 @@ def check_args(args):
                         ('--val-crop-size', args.val_crop_size, 1),
                         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
     training.check_model_and_resume(args.model, args.resume)
+    training.check_blurpool(args.model, args.blurpool)
     loaders.check_kind(args.dl_worker_type, args.data_path)
     benchmark_modes.check(args.mode, args.bench_warmup, args.bench_iterations, args.benchmark_batch_sizes, args.compile)
     if args.apex:
@@ -230,8 +231,8 @@ def main(args):
     num_classes = len(dataset.classes)
 
     print('Creating model')
-    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained), args.sync_bn,
-                                 ranks.distributed)
+    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained, args.blurpool),
+                                 args.sync_bn, ranks.distributed)
 
     criterion = training.make_criterion(args.label_smoothing)
     optimizer = recipe_flags.make_optimizer(dev, model, args)
@@ -247,7 +248,8 @@ def main(args):
     resumed = training.NOT_RESUMED
     if args.resume:
         checkpoint = checkpoints.load(args.resume, args.model, num_classes,
-                                      ('model', 'optimizer', 'lr_scheduler', 'epoch'), classes=dataset.classes)
+                                      ('model', 'optimizer', 'lr_scheduler', 'epoch'), classes=dataset.classes,
+                                      blurpool=args.blurpool)
         resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'model', ema)
         args.start_epoch = resumed.start_epoch
 
@@ -257,14 +259,14 @@ def main(args):
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(data_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
-                        test_only=args.test_only)
+                        test_only=args.test_only, progressive_resizing=recipe_flags.progressive_resizing(args))
     if args.test_only:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps,
-                 epoch=evaluated, metrics_file=metrics_file)
+                 epoch=evaluated, metrics_file=metrics_file, tta_flip=args.tta_flip)
         if ema is not None:
             evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, log_suffix='EMA',
-                     epoch=evaluated, metrics_file=metrics_file)
+                     epoch=evaluated, metrics_file=metrics_file, tta_flip=args.tta_flip)
         return
 
     print('Start training')
@@ -281,7 +283,8 @@ def main(args):
         epoch_start = time.time()
         first_step = training.start_epoch(epoch, resumed, train_sampler, dev, args.batch_size,
                                           args.seed if args.deterministic else None,
-                                          augment=schedule.augments(epoch) if schedule else True)
+                                          augment=schedule.augments(epoch) if schedule else True,
+                                          resolution=recipe_flags.training_resolution(args, epoch))
         set_epoch_lr(optimizer, lr_table, epoch)
         images, stopped_at = train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, args.print_freq,
                                              dl_time_exclude=args.dl_time_exclude,
@@ -299,11 +302,12 @@ def main(args):
         distributed.broadcast_buffers(model_without_ddp)
         if training.evaluates_after(epoch, args.epochs, args.epochs_between_evals, args.eval_offset_epochs):
             evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop,
-                     epoch=epoch, metrics_file=metrics_file)
+                     epoch=epoch, metrics_file=metrics_file, tta_flip=args.tta_flip)
             if ema is not None:
                 evaluate(ema, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps, stop,
-                         log_suffix='EMA', epoch=epoch, metrics_file=metrics_file)
-        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=time.time() - epoch_start)
+                         log_suffix='EMA', epoch=epoch, metrics_file=metrics_file, tta_flip=args.tta_flip)
+        metrics_file.epoch(epoch, images=images, train_time=train_time, epoch_time=time.time() - epoch_start,
+                           resolution=recipe_flags.training_resolution(args, epoch))
         if args.save_checkpoint:
             save(None)
         if stop.at_epoch_end() and epoch + 1 < args.epochs:
@@ -321,8 +325,8 @@ def benchmark(args, dev, ranks):
     training run, measured at each of --benchmark-batch-sizes on the training (benchmark-training) or
     validation (benchmark-inference) loader, the plain step (no recipe extras); no evaluation, no checkpoint."""
     num_classes = len(load_data(args.data_path, args, dev, ranks).classes)
-    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained), args.sync_bn,
-                                 ranks.distributed)
+    model = training.place_model(dev, training.build_model(args.model, num_classes, args.pretrained, args.blurpool),
+                                 args.sync_bn, ranks.distributed)
     criterion = training.make_criterion(args.label_smoothing)
     optimizer = recipe_flags.make_optimizer(dev, model, args)
     model, model_without_ddp = training.wrap_ddp(dev, model, ranks.distributed, args.model, args.bucket_cap_mb)

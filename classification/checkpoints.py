@@ -37,10 +37,13 @@ def plain_args(args):
     return {k: plain(v) for k, v in vars(args).items()}
 
 
-def stamp(checkpoint, model_name, num_classes, classes=None):
-    """Add the identity fields every checkpoint carries, and the class names in label order (`classes`, the
-    training folder's) when known; checkpoints written before it, and the originals', have none."""
+def stamp(checkpoint, model_name, num_classes, classes=None, blurpool=False):
+    """Add the identity fields every checkpoint carries, `blurpool: True` when the model has BlurPool layers
+    (--blurpool; without the field it has none, as every checkpoint before it), and the class names in label order
+    (`classes`, the training folder's) when known; checkpoints written before it, and the originals', have none."""
     checkpoint.update(format_version=FORMAT_VERSION, model_name=model_name, num_classes=num_classes)
+    if blurpool:
+        checkpoint['blurpool'] = True
     if classes is not None:
         checkpoint['classes'] = list(classes)
     return checkpoint
@@ -61,11 +64,12 @@ def save(checkpoint, *paths):
         output_folder.atomic_save(checkpoint, path, 'checkpoint')
 
 
-def load(path, model_name, num_classes, required_keys, flag='--resume', resuming=True, classes=None):
+def load(path, model_name, num_classes, required_keys, flag='--resume', resuming=True, classes=None, blurpool=None):
     """Read and check a checkpoint written by these trainers or by the originals; any problem is one
     clear UsageError. model_name, num_classes: what it must hold (None: whatever it holds). resuming: False
     when only the weights are wanted (inference), so an original's optimizer and schedule are not checked.
-    classes: the dataset's class names, which a checkpoint that records its own must hold in the same order."""
+    classes: the dataset's class names, which a checkpoint that records its own must hold in the same order.
+    blurpool: whether this run's model has BlurPool (--blurpool), which the checkpoint's must match (None: any)."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: checkpoint '{path}' does not exist")
     checkpoint = read(path, flag)
@@ -84,12 +88,22 @@ def load(path, model_name, num_classes, required_keys, flag='--resume', resuming
     if model_name is not None and checkpoint['model_name'] != model_name:
         raise UsageError(f"{flag}: '{path}' holds a {checkpoint['model_name']} model but --model is "
                          f'{model_name}')
+    if blurpool is not None:
+        check_blurpool(bool(checkpoint.get('blurpool')), blurpool, path, flag)
     if num_classes is not None and checkpoint['num_classes'] != num_classes:
         raise UsageError(f"{flag}: '{path}' was trained on {checkpoint['num_classes']} classes but the "
                          f'dataset has {num_classes}')
     if classes is not None:
         check_classes(checkpoint.get('classes'), list(classes), path, flag)
     return checkpoint
+
+
+def check_blurpool(saved, wanted, path, flag):
+    """A BlurPool model's weights sit under other names (blurpool.py): the run must build the model it resumes."""
+    if saved != wanted:
+        how, fix = ('with', 'add --blurpool') if saved else ('without', 'drop --blurpool')
+        raise UsageError(f"{flag}: '{path}' holds a model {how} BlurPool but this run has {'no ' if saved else ''}"
+                         f'--blurpool; {fix} to resume it')
 
 
 def check_classes(saved, classes, path, flag):

@@ -192,7 +192,8 @@ def add_recipe_args(parser):
                             '(default: ImageNet-1k\'s 1281167)')
     group.add_argument('--lr-scheduler', default='steplr',
                        help='steplr (per epoch, the default; per iteration with a warm-up), cosineannealinglr, '
-                            'polynomiallr (MLPerf/LARS: to --lr-min), collapse (--lr-phases)')
+                            'polynomiallr (MLPerf/LARS: to --lr-min), collapse (--lr-phases), cyclic (FFCV: linear '
+                            'from 1e-4 x --lr up to --lr at --lr-peak-epoch, then to 0 at --epochs)')
     group.add_argument('--lr-warmup-epochs', '--lars_warmup_epochs', default=0.0, type=float,
                        help='warm-up length in epochs (per iteration)')
     group.add_argument('--lr-warmup-method', default='linear', help='linear or constant')
@@ -203,6 +204,8 @@ def add_recipe_args(parser):
     group.add_argument('--lr-power', default=2.0, type=float, help='polynomiallr: the decay\'s power')
     group.add_argument('--lr-decay-epochs', '--lars_decay_epochs', default=0.0, type=float,
                        help='polynomiallr: decay horizon in epochs, warm-up included (default: --epochs)')
+    group.add_argument('--lr-peak-epoch', default=2.0, type=float, metavar='EPOCH',
+                       help='cyclic: the epoch the LR peaks at, in (0, --epochs] (default: 2, FFCV\'s)')
     group.add_argument('--lr-phases', default=None, nargs='+', metavar='PHASE',
                        help='collapse: phases end to end, each ITERATIONS,LR[,warmup=ITERATIONS@LR]'
                             '[,horizon=ITERATIONS][,power=P][,wd=W][,noaug], in iterations at this run\'s global '
@@ -215,6 +218,9 @@ def add_recipe_args(parser):
     group.add_argument('--mixup-alpha', default=0.0, type=float, help='mixup on each batch, Beta(alpha, alpha)')
     group.add_argument('--cutmix-alpha', default=0.0, type=float,
                        help='cutmix on each batch (with mixup: one of the two per batch)')
+    group.add_argument('--blurpool', action=argparse.BooleanOptionalAction, default=False,
+                       help='FFCV\'s BlurPool: a fixed 3x3 blur before every conv of stride > 1 on >= 16 channels; '
+                            'changes the model (its weights no longer load into torchvision\'s class)')
     group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False,
                        help='keep, evaluate and save an exponential moving average of the weights')
     group.add_argument('--model-ema-steps', default=32, type=int, help='steps between EMA updates')
@@ -242,4 +248,23 @@ def add_recipe_args(parser):
                        help='Habana 1.7+\'s name for --lr')
     group.add_argument('--lwd', '--lars-weight-decay', dest='weight_decay', type=float, default=argparse.SUPPRESS,
                        metavar='W', help='Habana 1.7+\'s name for --wd')
+    add_resolution_args(parser)
     return group
+
+
+def add_resolution_args(parser):
+    """FFCV's training and test resolutions (docs/recipes.md, *Progressive resizing* and *Test-time flip*)."""
+    group = parser.add_argument_group('resolution (FFCV): progressive resizing and test-time flip')
+    group.add_argument('--min-res', default=None, type=int, metavar='PX',
+                       help='progressive resizing: the training resolution up to --start-ramp (with --max-res, '
+                            '--start-ramp and --end-ramp; default: off, --train-crop-size every epoch)')
+    group.add_argument('--max-res', default=None, type=int, metavar='PX',
+                       help='progressive resizing: the training resolution from --end-ramp on')
+    group.add_argument('--start-ramp', default=None, type=int, metavar='EPOCH',
+                       help='progressive resizing: the last epoch (from 0) at --min-res')
+    group.add_argument('--end-ramp', default=None, type=int, metavar='EPOCH',
+                       help='progressive resizing: the first epoch at --max-res; in between, linear')
+    group.add_argument('--res-rounding', default=32, type=int, metavar='PX',
+                       help='progressive resizing: the ramp\'s resolutions are multiples of this (FFCV: 32)')
+    group.add_argument('--tta-flip', action=argparse.BooleanOptionalAction, default=False,
+                       help='validate on the sum of the logits of each image and of its mirror (FFCV\'s lr_tta)')

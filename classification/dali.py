@@ -142,17 +142,20 @@ def eval_plan(height, width, out_size, resize_size):
 
 
 class TrainPlans:
-    """Batch key (epoch, indices, augment) -> the plans of its samples, seeded per sample as FAST's."""
+    """Batch key (epoch, indices, augment, resolution) (samplers.train_key) -> the plans of its samples, seeded
+    per sample as FAST's, at the key's resolution (default out_size)."""
 
     def __init__(self, out_size, seed, plain_resize_size):
         self.out_size, self.seed, self.plain_resize_size = out_size, seed, plain_resize_size
 
     def __call__(self, key, sizes):
-        epoch, indices, augment = key if len(key) == 3 else (*key, True)
+        epoch, indices, augment, resolution = samplers.train_key(key)
+        out_size = resolution or self.out_size
         rngs = (fast_jpeg.sample_rng(self.seed, epoch, index) for index in indices)
         if augment:
-            return [augmented_plan(h, w, self.out_size, rng) for (h, w), rng in zip(sizes, rngs)]
-        return [plain_plan(h, w, self.out_size, self.plain_resize_size, rng) for (h, w), rng in zip(sizes, rngs)]
+            return [augmented_plan(h, w, out_size, rng) for (h, w), rng in zip(sizes, rngs)]
+        resize_size = max(self.plain_resize_size, out_size)
+        return [plain_plan(h, w, out_size, resize_size, rng) for (h, w), rng in zip(sizes, rngs)]
 
     @staticmethod
     def indices(key):

@@ -491,12 +491,17 @@ RSCK_TO_KCRS = (3, 2, 0, 1)
 
 
 def permute_params(model, to_filters_last):
-    """Permute every 4-D parameter (the conv weights) between KCRS and RSCK, in place."""
+    """Permute every 4-D parameter (the conv weights) and 4-D buffer (a fixed filter: blurpool.BlurPool2d's) between
+    KCRS and RSCK, in place: every 4-D tensor of the model's state, as module_state and load_module_state take them."""
     order = KCRS_TO_RSCK if to_filters_last else RSCK_TO_KCRS
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 4:
                 param.data = param.data.permute(order).contiguous()
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.ndim == 4:
+                    module._buffers[name] = buffer.permute(order).contiguous()
 
 
 def permute_momentum(optimizer, to_filters_last):

@@ -254,18 +254,20 @@ class ImageBatches(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _batch(self, indices, fill):
-        """fill(out, index) writes sample index's pixels into its slot of a new batch."""
-        images = new_batch(len(indices), self.out_size)
+    def _batch(self, indices, fill, out_size=None):
+        """fill(out, index) writes sample index's pixels into its slot of a new batch (of out_size images,
+        default self.out_size)."""
+        images = new_batch(len(indices), out_size or self.out_size)
         for slot, index in enumerate(indices):
             fill(images[slot], index)
         return batch_output(images, [self.samples[index][1] for index in indices])
 
 
 class TrainBatches(ImageBatches):
-    """Item (epoch, indices, augment) -> one augmented batch, seeded per sample: RandomResizedCrop + flip, or
-    with augment False a random crop of the image resized to its validation size (shorter side
-    `plain_resize_size`) + flip, the LR-collapse recipe's phase without scale/aspect augmentation."""
+    """Item (epoch, indices, augment, resolution) (samplers.train_key) -> one augmented batch of resolution
+    (default crop_size) square images, seeded per sample: RandomResizedCrop + flip, or with augment False a
+    random crop of the image resized to its validation size (shorter side `plain_resize_size`, or the crop if
+    larger) + flip, the LR-collapse recipe's phase without scale/aspect augmentation."""
 
     def __init__(self, samples, crop_size, seed, region_decode=True, plain_resize_size=256):
         super().__init__(samples, crop_size)
@@ -274,26 +276,27 @@ class TrainBatches(ImageBatches):
         self.plain_resize_size = plain_resize_size
 
     def __getitem__(self, key):
-        epoch, indices, augment = key if len(key) == 3 else (*key, True)
+        epoch, indices, augment, resolution = samplers.train_key(key)
         fill = self._augment_into if augment else self._plain_crop_into
-        return self._batch(indices, lambda out, index: fill(out, epoch, index))
+        return self._batch(indices, lambda out, index: fill(out, epoch, index), resolution)
 
     def _augment_into(self, out, epoch, index):
         """Write sample `index`'s random crop, flipped with probability 0.5, into out."""
         image = EncodedImage(self.samples[index][0])
         box, flip = augmented_crop(image.height, image.width, sample_rng(self.seed, epoch, index))
-        reduction = dct_reduction(box[2], box[3], self.out_size, self.out_size)
+        reduction = dct_reduction(box[2], box[3], out.shape[0], out.shape[1])
         resize_into(out, image.decode_box(box, reduction, self.region_decode))
         if flip:
             out.copy_(out.flip(1))
 
     def _plain_crop_into(self, out, epoch, index):
         image = EncodedImage(self.samples[index][0])
-        resized_h, resized_w = resized_shape(image.height, image.width, self.plain_resize_size)
+        size = out.shape[0]
+        resized_h, resized_w = resized_shape(image.height, image.width, max(self.plain_resize_size, size))
         resized = torch.empty((resized_h, resized_w, 3), dtype=torch.uint8)
         resize_into(resized, image.decode())
-        top, left, flip = plain_crop(resized_h, resized_w, self.out_size, sample_rng(self.seed, epoch, index))
-        out.copy_(resized[top:top + self.out_size, left:left + self.out_size])
+        top, left, flip = plain_crop(resized_h, resized_w, size, sample_rng(self.seed, epoch, index))
+        out.copy_(resized[top:top + size, left:left + size])
         if flip:
             out.copy_(out.flip(1))
 

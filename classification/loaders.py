@@ -98,7 +98,7 @@ def load_datasets(data_path, *, train_crop_size, val_resize_size, val_crop_size,
     return dataset, dataset_test
 
 
-def check_augmentation(kind, augmentation, plain_crop_epochs):
+def check_augmentation(kind, augmentation, plain_crop_epochs, progressive=False):
     """Refuse, before any file is listed, augmentation the loader that will run cannot do."""
     refused = augmentation.fast_refusal()
     if kind != 'MP' and refused:
@@ -107,6 +107,28 @@ def check_augmentation(kind, augmentation, plain_crop_epochs):
     if kind == 'HABANA' and plain_crop_epochs:
         raise UsageError('--dl-worker-type HABANA: habana_dataloader cannot turn off scale/aspect augmentation for '
                          'the schedule\'s noaug phase; use --dl-worker-type FAST or MP')
+    if kind == 'HABANA' and progressive:
+        raise UsageError('--dl-worker-type HABANA: habana_dataloader cannot change the training resolution per '
+                         'epoch (--min-res/--max-res); use --dl-worker-type FAST or MP')
+
+
+@dataclass(frozen=True)
+class TrainTransforms:
+    """The MP pipeline's training transform for a key's (augment, resolution) (samplers.train_key): None where
+    the dataset's own (RandomResizedCrop(crop_size) + flip + `augmentation`) applies; a plain crop of the image
+    resized to plain_resize_size (or to the crop, if larger) where augment is False; the same augmentation at
+    another crop size for progressive resizing. A picklable value: spawned workers receive it."""
+    crop_size: int
+    plain_resize_size: int
+    augmentation: Augmentation = NO_AUGMENTATION
+
+    def __call__(self, augment, resolution):
+        size = resolution or self.crop_size
+        if not augment:
+            return data.plain_crop_transform(max(self.plain_resize_size, size), size)
+        if size == self.crop_size:
+            return None
+        return data.train_transform(size, *self.augmentation)
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,7 @@ class LoaderSettings:
     output_dir: str = ''
     augmentation: Augmentation = NO_AUGMENTATION
     plain_crop_epochs: bool = False
+    progressive: bool = False
     synthetic_images: int = None
     prefetch: bool = True
 
@@ -152,21 +175,21 @@ def build(data_path, settings, ranks, placement, force_prefetch=False):
         return prefetched(build_synthetic(settings, ranks, placement.device), settings, placement, force_prefetch)
     kind = resolve_kind(settings.kind)
     check_kind(kind, data_path)
-    check_augmentation(kind, settings.augmentation, settings.plain_crop_epochs)
+    check_augmentation(kind, settings.augmentation, settings.plain_crop_epochs, settings.progressive)
     cache_dir = data.dataset_cache_dir(settings.output_dir) if settings.cache_dataset else None
     dataset, dataset_test = load_datasets(data_path, train_crop_size=settings.train_crop_size,
                                           val_resize_size=settings.val_resize_size,
                                           val_crop_size=settings.val_crop_size, cache_dir=cache_dir,
                                           is_main=ranks.rank == 0, augmentation=settings.augmentation)
     print('Creating data loaders')
-    keyed_mp = kind == 'MP' and (settings.seeded or settings.plain_crop_epochs)
+    keyed_mp = kind == 'MP' and (settings.seeded or settings.plain_crop_epochs or settings.progressive)
     train_sampler = samplers.train_sampler(dataset, ranks.world_size, ranks.rank, settings.seed, keyed_mp)
     test_sampler = samplers.ShardedEvalSampler(len(dataset_test), ranks.world_size, ranks.rank)
     classes = list(dataset.classes)
     if keyed_mp:
         dataset = samplers.SeededAugmentation(dataset, settings.seed if settings.seeded else None,
-                                              data.plain_crop_transform(settings.plain_resize_size,
-                                                                        settings.train_crop_size))
+                                              TrainTransforms(settings.train_crop_size, settings.plain_resize_size,
+                                                              settings.augmentation))
     splits = ((dataset, train_sampler, True), (dataset_test, test_sampler, False))
     if kind == 'HABANA':
         loader_class = habana_dataloader_class()
@@ -198,16 +221,28 @@ def prefetched(built, settings, placement, force=False):
 class SyntheticBatches:
     """`len(sampler)` samples of this rank in batches of `batch_size` (the last one shorter; for training, as
     samplers.train_batches counts them), all cut from one random uint8 NCHW batch (a channels_last view of an
-    NHWC buffer, as FAST's) and its labels, made once on `device`. Iterating yields views: nothing is copied."""
+    NHWC buffer, as FAST's) and its labels, made once on `device` (once per training resolution where the
+    sampler's epoch sets one: progressive resizing). Iterating yields views: nothing is copied."""
 
     def __init__(self, sampler, batch_size, crop_size, device, seed, train, num_classes=SYNTHETIC_CLASSES):
         self.sampler = sampler
         self.batch_size = batch_size
+        self.crop_size = crop_size
+        self.device = device
+        self.seed = seed
         self.train = train
+        self.batches = {}
         generator = torch.Generator().manual_seed(seed)
-        nhwc = torch.randint(0, 256, (batch_size, crop_size, crop_size, 3), dtype=torch.uint8, generator=generator)
-        self.images = nhwc.to(device).permute(0, 3, 1, 2)
+        self.images(crop_size, generator)
         self.targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+
+    def images(self, size, generator=None):
+        """The random batch of size x size images (made on first use)."""
+        if size not in self.batches:
+            generator = generator or torch.Generator().manual_seed(self.seed)
+            nhwc = torch.randint(0, 256, (self.batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
+            self.batches[size] = nhwc.to(self.device).permute(0, 3, 1, 2)
+        return self.batches[size]
 
     def __len__(self):
         samples = len(self.sampler)
@@ -215,9 +250,10 @@ class SyntheticBatches:
 
     def __iter__(self):
         samples = len(self.sampler)
+        images = self.images(getattr(self.sampler, 'resolution', None) or self.crop_size)
         for step in range(len(self)):
             size = min(self.batch_size, samples - step * self.batch_size)
-            yield self.images[:size], self.targets[:size]
+            yield images[:size], self.targets[:size]
 
 
 def build_synthetic(settings, ranks, device, val_images=IMAGENET_VAL_IMAGES):

@@ -137,11 +137,12 @@ class MetricsFile(NoMetrics):
               file=sys.stderr, flush=True)
 
     def header(self, *, args, recipe, device, world_size, batch_size, steps_per_epoch, start=FROM_THE_START,
-               test_only=False, precision=None):
+               test_only=False, precision=None, progressive_resizing=None):
         """The run's identity: command line, parsed arguments (`args`: a plain dict, checkpoints.plain_args),
         recipe, code and library versions, device and what decides its arithmetic (`precision`:
         the device layer's precision_settings(): --amp, --hmp, on CUDA TF32 and the deterministic kernels),
-        ranks and batch, and where it starts (`start`: RunStart); for a resume, the checkpoint and the epoch and
+        ranks and batch, the training resolution per epoch (`progressive_resizing`: resolution.ProgressiveResizing,
+        or None), and where it starts (`start`: RunStart); for a resume, the checkpoint and the epoch and
         step it continues at."""
         import torch
         import torchvision
@@ -158,6 +159,7 @@ class MetricsFile(NoMetrics):
                   'python_version': platform.python_version(), 'device': device, 'precision': precision,
                   'world_size': world_size,
                   'batch_size': batch_size, 'global_batch': self.global_batch, 'steps_per_epoch': steps_per_epoch,
+                  'progressive_resizing': progressive_resizing.as_record() if progressive_resizing else None,
                   'args': args}
         self._write(record)
         if self.tensorboard is not None:
@@ -180,13 +182,16 @@ class MetricsFile(NoMetrics):
                      f'{prefix}.top1': top1, f'{prefix}.top5': top5, f'{prefix}.images': images},
                     self._images(epoch + 1, 0) if epoch is not None else 0)
 
-    def epoch(self, epoch, *, images, train_time, epoch_time):
+    def epoch(self, epoch, *, images, train_time, epoch_time, resolution=None):
         """A finished epoch: images this rank trained (x world size in the record), the training loop's time
-        and throughput, and the whole epoch's time (evaluation included)."""
+        and throughput, the whole epoch's time (evaluation included), and its training resolution where
+        progressive resizing set one."""
         images *= self.world_size
-        self._write({'type': 'epoch', 'epoch': epoch, 'step': None, 'train.images': images,
-                     'train.time': train_time, 'train.total_ips': images / max(train_time, 1e-9),
-                     'epoch_time': epoch_time}, self._images(epoch + 1, 0))
+        record = {'type': 'epoch', 'epoch': epoch, 'step': None, 'train.images': images, 'train.time': train_time,
+                  'train.total_ips': images / max(train_time, 1e-9), 'epoch_time': epoch_time}
+        if resolution is not None:
+            record['train.resolution'] = resolution
+        self._write(record, self._images(epoch + 1, 0))
 
     def _images(self, epoch, steps):
         """The global step of TensorBoard: images trained by all ranks at `steps` steps into `epoch`."""

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import distributed, loaders, optimizers, recipes, schedules, training
+from . import distributed, loaders, optimizers, recipes, resolution, schedules, training
 from .cli import UsageError
 
 
@@ -47,11 +47,24 @@ def schedule_config(args):
         name=args.lr_scheduler, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         step_size=args.lr_step_size, gamma=args.lr_gamma, warmup_epochs=args.lr_warmup_epochs,
         warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min,
-        power=args.lr_power, decay_epochs=args.lr_decay_epochs, phases=phases)
+        power=args.lr_power, decay_epochs=args.lr_decay_epochs, phases=phases,
+        peak_epoch=args.lr_peak_epoch)
 
 
 def augmentation(args):
     return loaders.Augmentation(args.auto_augment, args.random_erase, args.ra_magnitude, args.augmix_severity)
+
+
+def progressive_resizing(args):
+    """resolution.ProgressiveResizing of --min-res, --max-res, --start-ramp, --end-ramp, --res-rounding; None
+    without them."""
+    return resolution.from_flags(args.min_res, args.max_res, args.start_ramp, args.end_ramp, args.res_rounding)
+
+
+def training_resolution(args, epoch):
+    """The training crop size of `epoch`: progressive resizing's, else None (the loaders' --train-crop-size)."""
+    schedule = progressive_resizing(args)
+    return schedule.at(epoch) if schedule else None
 
 
 def has_plain_crop_epochs(args):
@@ -68,7 +81,8 @@ def loader_settings(args, *, seed, seeded, batch_size, cache_dataset=False):
         loader_seed=seed if seeded else int(torch.randint(2 ** 31, ()).item()),
         train_crop_size=args.train_crop_size, val_resize_size=args.val_resize_size, val_crop_size=args.val_crop_size,
         cache_dataset=cache_dataset, output_dir=args.output_dir, augmentation=augmentation(args),
-        plain_crop_epochs=has_plain_crop_epochs(args), synthetic_images=args.dataset_size,
+        plain_crop_epochs=has_plain_crop_epochs(args), progressive=progressive_resizing(args) is not None,
+        synthetic_images=args.dataset_size,
         prefetch=getattr(args, 'prefetch', True))
 
 
@@ -106,8 +120,9 @@ def check(args):
     if args.optimizer == 'lars' and (args.norm_weight_decay or args.bias_weight_decay):
         raise UsageError('--optimizer lars applies no weight decay to normalisation layers and biases (MLPerf, '
                          'Habana): leave --norm-weight-decay and --bias-weight-decay unset')
+    progressive = progressive_resizing(args)
     loaders.check_augmentation(loaders.resolve_kind(args.dl_worker_type, say=False), augmentation(args),
-                               has_plain_crop_epochs(args))
+                               has_plain_crop_epochs(args), progressive is not None)
 
 
 def make_optimizer(dev, model, args):
@@ -149,3 +164,17 @@ def print_schedule(args, world_size, lr_table=None):
         print('\n'.join(f'epoch {epoch:>4d}  lr {lr:.9g}  wd {args.weight_decay:g}' for epoch, lr in enumerate(lr_table)))
         return
     print('\n'.join(schedules.schedule_lines(schedule_config(args), ipe, world_size * args.batch_size)))
+    if progressive_resizing(args):
+        print('\n'.join(resolution_lines(progressive_resizing(args), args.epochs)))
+
+
+def resolution_lines(schedule, epochs):
+    """--print-schedule's training resolutions: the rule, then each run of epochs at one resolution."""
+    lines = [f'Progressive resizing: {schedule.describe()}']
+    first = 0
+    for epoch in range(1, epochs + 1):
+        if epoch == epochs or schedule.at(epoch) != schedule.at(first):
+            span = f'epoch {first}' if epoch - 1 == first else f'epochs {first}-{epoch - 1}'
+            lines.append(f'  {span}: train at {schedule.at(first)} px')
+            first = epoch
+    return lines

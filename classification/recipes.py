@@ -19,6 +19,7 @@ class Recipe(NamedTuple):
     reference_batch: str            # the global batch its values are published for, in words
     flags: Callable                 # (model, global_batch) -> (list of flag tokens, notes printed at start)
     models: tuple = ()              # models it has values for; () any
+    cuda_amp: bool = False          # with --device cuda it also sets --amp (fp16 autocast + GradScaler)
 
 
 def linear_lr(lr, reference_batch, global_batch):
@@ -131,6 +132,57 @@ def torchvision_v2_flags(model, global_batch):
     return tokens, notes
 
 
+# --- ffcv-rn50-*, ffcv-rn18-* (spec-gpu-and-time-to-accuracy 1 and 4) -----------------------------------------------
+
+FFCV_MODELS = {  # per-GPU batch, reference global batch, LR there, weight decay, GPUs of the published runs
+    'resnet50': (512, 4096, 1.7, 1e-4, '8 x A100'),
+    'resnet18': (1024, 1024, 0.5, 5e-5, '1 x A100'),
+}
+FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}  # epochs: ramp
+FFCV_PUBLISHED = {  # epochs: (top-1 %, minutes) from FFCV's README
+    'resnet50': {16: (73.8, 14.9), 24: (75.6, 21.7), 32: (76.6, 28.7), 40: (77.2, 35.6), 56: (78.0, 49.4),
+                 88: (78.4, 77.2)},
+    'resnet18': {16: (66.9, 35.0), 24: (68.8, 51.6), 32: (70.0, 68.9), 40: (70.6, 85.5), 56: (71.3, 119.4),
+                 88: (72.4, 187.3)},
+}
+FFCV_MIN_RES, FFCV_MAX_RES, FFCV_VAL_RES = 160, 192, 256
+FFCV_VAL_CROP_RATIO = 224 / 256
+FFCV_VAL_RESIZE = round(FFCV_VAL_RES / FFCV_VAL_CROP_RATIO)  # 293: the shorter side whose 256 px centre crop is ~224/256 of it
+
+
+def ffcv_flags(epochs):
+    def flags(model, global_batch):
+        batch, reference, lr, weight_decay, gpus = FFCV_MODELS[model]
+        start_ramp, end_ramp = FFCV_RAMPS[epochs]
+        scaled = linear_lr(lr, reference, global_batch)
+        tokens = ['--batch-size', str(batch), '--epochs', str(epochs), '--lr', number(scaled), '--momentum', '0.9',
+                  '--wd', number(weight_decay), '--norm-weight-decay', '0', '--label-smoothing', '0.1',
+                  '--lr-scheduler', 'cyclic', '--lr-peak-epoch', '2',
+                  '--min-res', str(FFCV_MIN_RES), '--max-res', str(FFCV_MAX_RES), '--start-ramp', str(start_ramp),
+                  '--end-ramp', str(end_ramp), '--val-resize-size', str(FFCV_VAL_RESIZE),
+                  '--val-crop-size', str(FFCV_VAL_RES), '--tta-flip', '--blurpool']
+        notes = [f'lr {number(lr)} at global batch {reference} ({gpus} x {batch}), scaled linearly: {number(scaled)} '
+                 f'at {global_batch}',
+                 f'train at {FFCV_MIN_RES} px to epoch {start_ramp}, ramp to {FFCV_MAX_RES} px at epoch {end_ramp}; '
+                 f'validate at {FFCV_VAL_RES} px (centre crop of a {FFCV_VAL_RESIZE} px resize: FFCV\'s 224/256 '
+                 'crop ratio) with the mirror\'s logits added',
+                 'fp16 autocast + GradScaler (--amp) on CUDA, as FFCV; fp32 elsewhere (fp16 is ~70x slower on a CPU)',
+                 'BlurPool changes the model: its checkpoints do not load into torchvision\'s class']
+        return tokens, notes
+    return flags
+
+
+def ffcv_recipes():
+    for name, model in (('rn50', 'resnet50'), ('rn18', 'resnet18')):
+        batch, reference, lr, _, gpus = FFCV_MODELS[model]
+        for epochs, (top1, minutes) in FFCV_PUBLISHED[model].items():
+            yield Recipe(f'ffcv-{name}-{epochs}e',
+                         f'FFCV ffcv-imagenet {name}_configs/{name}_{epochs}_epochs.yaml (spec-gpu-and-time-to-accuracy 4)',
+                         f'{model} {top1} top-1 in {epochs} epochs, {minutes} min on {gpus}',
+                         f'{reference} ({gpus} x {batch}); lr {number(lr)}, scaled linearly', ffcv_flags(epochs),
+                         (model,), cuda_amp=True)
+
+
 RECIPES = {recipe.name: recipe for recipe in (
     Recipe('habana-1.4', 'Habana Model-References 1.4.0 train.py/main.py defaults (= torchvision 0.10\'s reference)',
            'torchvision ResNet-50 V1 weights, same recipe at 8 x 32: 76.130 top-1 (Habana\'s README cites none)',
@@ -152,6 +204,7 @@ RECIPES = {recipe.name: recipe for recipe in (
     Recipe('torchvision-v2', 'torchvision\'s "new recipe" (#3995) for the IMAGENET1K_V2 weights (spec-torchvision 3.3)',
            'ResNet-50 80.858 top-1 / 95.434 top-5 (600 epochs); MobileNetV2 72.154 with the same command',
            '1024 (8 GPUs x 128)', torchvision_v2_flags),
+    *ffcv_recipes(),
 )}
 
 
@@ -214,6 +267,8 @@ def expand(parser, argv, world_size):
                          f"not --model {args.model}")
     batch = args.batch_size if 'batch_size' in given else recipe_batch_size(recipe, args.model, args.batch_size)
     tokens, notes = recipe.flags(args.model, world_size * batch)
+    if recipe.cuda_amp and getattr(args, 'device', None) == 'cuda':
+        tokens = [*tokens, '--amp']
     kept = [part for dest, group in token_groups(parser, tokens) if dest not in given for part in group]
     if name == DEFAULT:
         return argv, []

@@ -22,33 +22,44 @@ def sample_seed(seed, epoch, index):
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-class SeededAugmentation(torch.utils.data.Dataset):
-    """Dataset whose items are keyed (epoch, index, augment): with a seed, each sample's random augmentation is
-    seeded by (seed, epoch, index), so it does not depend on how many workers load it or in which order; with
-    augment False (an LR-collapse phase without scale/aspect augmentation) `plain_transform` replaces the
-    dataset's own. The key travels with the sample, so persistent workers follow the epoch's setting."""
+def train_key(key):
+    """(epoch, item, augment, resolution) of a training key as the samplers below yield it: item is a sample
+    index or a batch's indices; augment False: no scale/aspect augmentation (an LR-collapse phase); resolution:
+    the epoch's training crop size (progressive resizing), None for the loader's own. Shorter keys (epoch,
+    item[, augment]) mean augment True and the loader's resolution."""
+    epoch, item, augment, resolution = (*key, *(True, None)[len(key) - 2:])
+    return epoch, item, augment, resolution
 
-    def __init__(self, dataset, seed, plain_transform=None):
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Dataset whose items are keyed (epoch, index, augment, resolution) (see train_key): with a seed, each
+    sample's random augmentation is seeded by (seed, epoch, index), so it does not depend on how many workers
+    load it or in which order; `transform_for(augment, resolution)` (picklable: workers may be spawned) gives the
+    transform of a key's setting, None for the dataset's own. The key travels with the sample, so persistent
+    workers follow the epoch's setting."""
+
+    def __init__(self, dataset, seed, transform_for=None):
         self.dataset = dataset
         self.seed = seed
-        self.plain_transform = plain_transform
+        self.transform_for = transform_for
 
     def __len__(self):
         return len(self.dataset)
 
-    def _load(self, index, augment):
-        if augment or self.plain_transform is None:
+    def _load(self, index, augment, resolution):
+        transform = self.transform_for(augment, resolution) if self.transform_for else None
+        if transform is None:
             return self.dataset[index]
         path, target = self.dataset.samples[index]
-        return self.plain_transform(self.dataset.loader(path)), target
+        return transform(self.dataset.loader(path)), target
 
     def __getitem__(self, key):
-        epoch, index, augment = key if len(key) == 3 else (*key, True)
+        epoch, index, augment, resolution = train_key(key)
         if self.seed is None:
-            return self._load(index, augment)
+            return self._load(index, augment, resolution)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self._load(index, augment)
+            return self._load(index, augment, resolution)
 
     def __getattr__(self, name):  # classes, samples, ... of the wrapped ImageFolder
         if name == 'dataset':
@@ -57,7 +68,7 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 
 class EpochIndexSampler(Sampler):
-    """Yields (epoch, index, augment) from a TrainSampler, for SeededAugmentation."""
+    """Yields (epoch, index, augment, resolution) from a TrainSampler, for SeededAugmentation."""
 
     def __init__(self, sampler):
         self.sampler = sampler
@@ -74,15 +85,15 @@ class EpochIndexSampler(Sampler):
     def num_replicas(self):
         return self.sampler.num_replicas
 
-    def set_epoch(self, epoch, start=0, augment=True):
-        self.sampler.set_epoch(epoch, start, augment)
+    def set_epoch(self, epoch, start=0, augment=True, resolution=None):
+        self.sampler.set_epoch(epoch, start, augment, resolution)
 
     def position_after(self, batches, batch_size):
         return self.sampler.position_after(batches, batch_size)
 
     def __iter__(self):
-        epoch, augment = self.epoch, self.sampler.augment
-        return ((epoch, index, augment) for index in self.sampler)
+        epoch, augment, resolution = self.epoch, self.sampler.augment, self.sampler.resolution
+        return ((epoch, index, augment, resolution) for index in self.sampler)
 
     def __len__(self):
         return len(self.sampler)
@@ -140,13 +151,16 @@ class TrainSampler(Sampler):
         self.epoch = 0
         self.start = 0
         self.augment = True
+        self.resolution = None
 
-    def set_epoch(self, epoch, start=0, augment=True):
+    def set_epoch(self, epoch, start=0, augment=True, resolution=None):
         """Iterate epoch `epoch` from position `start` (samples of its order already trained on), with or without
-        scale/aspect augmentation (the loaders read `augment` from the keys this sampler's wrappers yield)."""
+        scale/aspect augmentation, at a training resolution (None: the loader's --train-crop-size); the loaders
+        read both from the keys this sampler's wrappers yield."""
         self.epoch = epoch
         self.start = min(max(start, 0), self.dataset_len)
         self.augment = augment
+        self.resolution = resolution
 
     def epoch_order(self):
         g = torch.Generator()
@@ -177,7 +191,7 @@ class TrainSampler(Sampler):
 
 
 class EpochBatchSampler:
-    """(epoch, indices, augment) for each training batch of the sampler's current epoch, batched like
+    """(epoch, indices, augment, resolution) for each training batch of the sampler's current epoch, batched like
     TrainBatchSampler (a trailing batch of one sample is left out)."""
 
     def __init__(self, sampler, batch_size):
@@ -186,14 +200,15 @@ class EpochBatchSampler:
 
     def __iter__(self):
         epoch, augment = self.sampler.epoch, getattr(self.sampler, 'augment', True)
-        return ((epoch, batch, augment) for batch in self.batches)
+        resolution = getattr(self.sampler, 'resolution', None)
+        return ((epoch, batch, augment, resolution) for batch in self.batches)
 
     def __len__(self):
         return len(self.batches)
 
 
 def train_sampler(dataset, world_size, rank, seed, keyed):
-    """The training sampler; `keyed`: yielding (epoch, index, augment) for SeededAugmentation."""
+    """The training sampler; `keyed`: yielding (epoch, index, augment, resolution) for SeededAugmentation."""
     sampler = TrainSampler(len(dataset), num_replicas=world_size, rank=rank, seed=seed)
     return EpochIndexSampler(sampler) if keyed else sampler
 

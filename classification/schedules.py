@@ -1,8 +1,9 @@
 """Learning-rate schedules: the 1.4.0 StepLR per epoch (the default, unchanged), and per-iteration schedules
 composed from torch.optim.lr_scheduler: linear or constant warm-up (LinearLR, ConstantLR) followed by cosine
-(CosineAnnealingLR), step (StepLR) or polynomial decay to an end LR, and the multi-phase "LR collapse" of the
+(CosineAnnealingLR), step (StepLR) or polynomial decay to an end LR, the multi-phase "LR collapse" of the
 SURFsara/Intel-Caffe recipe (LambdaLR over the closed form of spec 2.4; each phase with its own warm-up, decay
-horizon, power, weight decay and augmentation, and momentum reset at its start).
+horizon, power, weight decay and augmentation, and momentum reset at its start), and FFCV's cyclic schedule
+(LambdaLR over its closed form, spec 4: linear up to the peak epoch, then down to 0).
 
 `Schedule` is what the trainers hold: `after_step()` after every optimizer step, `after_epoch()` after every
 epoch, `augments(epoch)` for the loaders, and a state_dict that resumes exactly, mid-epoch included. torch is
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from .cli import UsageError
 
-SCHEDULERS = ('steplr', 'cosineannealinglr', 'polynomiallr', 'collapse')
+SCHEDULERS = ('steplr', 'cosineannealinglr', 'polynomiallr', 'collapse', 'cyclic')
 WARMUP_METHODS = ('linear', 'constant')
 IMAGENET_TRAIN_IMAGES = 1281167  # ImageNet-1k's training split: --print-schedule's default --dataset-size
 
@@ -152,6 +153,7 @@ class ScheduleConfig:
     power: float = 2.0
     decay_epochs: float = 0.0   # polynomial decay horizon in epochs (0: --epochs)
     phases: tuple = ()          # collapse: Phase items, in iterations at this run's global batch
+    peak_epoch: float = 2.0     # cyclic: the epoch the LR peaks at (FFCV's lr_peak_epoch)
 
     @property
     def per_iteration(self):
@@ -179,6 +181,13 @@ def check(config):
             raise UsageError('--lr-warmup-epochs: the collapse phases carry their own warm-ups; leave it at 0')
     elif config.phases:
         raise UsageError(f'--lr-phases only applies to --lr-scheduler collapse, not {config.name}')
+    if config.name == 'cyclic':
+        if not 0 < config.peak_epoch <= config.epochs:
+            raise UsageError(f'--lr-peak-epoch must be above 0 and at most --epochs {config.epochs}, '
+                             f'got {config.peak_epoch:g}')
+        if config.warmup_epochs:
+            raise UsageError('--lr-warmup-epochs: the cyclic schedule ramps up to --lr-peak-epoch itself; '
+                             'leave it at 0')
     if config.name == 'polynomiallr' and config.decay_epochs and config.decay_epochs <= config.warmup_epochs:
         raise UsageError(f'--lr-decay-epochs {config.decay_epochs:g} must be longer than the warm-up '
                          f'({config.warmup_epochs:g} epochs)')
@@ -207,6 +216,35 @@ def _polynomial_factor(config, warmup, decay):
     return factor
 
 
+CYCLIC_START = 1e-4  # FFCV's cyclic schedule starts at this fraction of --lr
+
+
+def _cyclic_epoch_value(x, peak, epochs):
+    """FFCV's get_cyclic_lr as a fraction of --lr: np.interp(x, [0, peak, epochs], [1e-4, 1, 0]) (0 from `epochs`
+    on, as np.interp gives when the peak is the last epoch)."""
+    if x >= epochs:
+        return 0.0
+    if x <= peak:
+        return CYCLIC_START + (1.0 - CYCLIC_START) * x / peak
+    return (epochs - x) / (epochs - peak)
+
+
+def _cyclic_factor(config, iterations_per_epoch):
+    """FFCV's cyclic schedule as a factor of --lr at iteration t: linear within each epoch e between the values at
+    e and e + 1, as its train_loop's np.interp(arange(iters), [0, iters], [lr(e), lr(e + 1)]).
+
+    Verified (tests/test_cyclic_lr.py): with a whole --lr-peak-epoch (FFCV's own lr_peak_epoch is an int) this is
+    the piecewise-linear function evaluated at the fractional epoch t / iterations_per_epoch, since no bend falls
+    inside an epoch. With a fractional peak the two differ in the epoch holding it: this follows FFCV's chord
+    between the ends of that epoch, so the LR there stays below --lr."""
+    def factor(t):
+        epoch, i = divmod(t, iterations_per_epoch)
+        start = _cyclic_epoch_value(epoch, config.peak_epoch, config.epochs)
+        end = _cyclic_epoch_value(epoch + 1, config.peak_epoch, config.epochs)
+        return start + (end - start) * i / iterations_per_epoch
+    return factor
+
+
 def build_scheduler(optimizer, config, iterations_per_epoch, global_batch):
     """The torch scheduler of `config`: stepped per epoch for the default StepLR, per iteration otherwise."""
     from torch.optim import lr_scheduler
@@ -219,6 +257,8 @@ def build_scheduler(optimizer, config, iterations_per_epoch, global_batch):
         for group in optimizer.param_groups:
             group['lr'] = 1.0  # the phases carry absolute LRs: LambdaLR multiplies initial_lr by them
         return lr_scheduler.LambdaLR(optimizer, lambda t: phases.lr(t))
+    if config.name == 'cyclic':
+        return lr_scheduler.LambdaLR(optimizer, _cyclic_factor(config, iterations_per_epoch))
     if config.name == 'polynomiallr':
         horizon = int(round((config.decay_epochs or config.epochs) * iterations_per_epoch))
         return lr_scheduler.LambdaLR(optimizer, _polynomial_factor(config, warmup, max(horizon - warmup + 1, 1)))
@@ -384,6 +424,9 @@ def schedule_lines(config, ipe, global_batch):
     elif config.per_iteration and config.warmup_epochs:
         warmup = int(round(config.warmup_epochs * ipe))
         marks.update({warmup - 1: '  (last warm-up iteration)', warmup: ''})
+    elif config.name == 'cyclic':
+        peak = int(round(config.peak_epoch * ipe))
+        marks.update({peak - 1: '', peak: '  (--lr-peak-epoch)', peak + 1: '', total - 1: '  (last iteration)'})
     lines = [f'Schedule {config.name}: {config.epochs} epochs x {ipe} iterations at global batch {global_batch}'
              + (', stepped per iteration' if config.per_iteration else ', stepped per epoch (StepLR)')]
     if schedule.phases is not None:

@@ -9,6 +9,7 @@ and call these in upstream's order. Every function takes the values it uses; non
 import os
 import random
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoints, devices, distributed, optimizers, samplers
+from .blurpool import MIN_IN_CHANNELS, apply_blurpool, has_blurpool, matches as blurpool_matches
 import model as models
 from .cli import UsageError
 
@@ -81,13 +83,39 @@ def seed_everything(seed, deterministic):
         np.random.seed(seed)
 
 
-def build_model(name, num_classes, pretrained=False, **options):
-    """models.create_model, its failures as one line naming the flag."""
+def build_model(name, num_classes, pretrained=False, blurpool=False, **options):
+    """models.create_model, its failures as one line naming the flag; with `blurpool` (--blurpool), BlurPool before
+    each downsampling conv (blurpool.apply_blurpool; after the --pretrained weights are loaded)."""
     try:
-        return models.create_model(name, num_classes=num_classes, pretrained=pretrained, **options)
+        model = models.create_model(name, num_classes=num_classes, pretrained=pretrained, **options)
     except models.ModelError as err:
         flag = '--pretrained' if pretrained and 'unknown model' not in str(err) else '--model'
         raise UsageError(f'{flag}: {err}') from None
+    if blurpool and not apply_blurpool(model):
+        raise no_blurpool_conv(name)
+    return model
+
+
+def no_blurpool_conv(name):
+    return UsageError(f'--blurpool: {name} has no convolution with stride > 1 and at least '
+                      f'{MIN_IN_CHANNELS} input channels for BlurPool to precede; drop --blurpool')
+
+
+def check_blurpool(model_name, blurpool):
+    """--blurpool on a model where the rule finds no convolution is refused before any data is read: the model
+    is built on the meta device (no memory, no initialisation cost) and counted; on the CPU for the few models
+    whose initialisation needs data."""
+    if not blurpool:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torchvision's notes on GoogLeNet's and Inception's initialisation
+        try:
+            with torch.device('meta'):
+                model = models.create_model(model_name, num_classes=1000)
+        except (NotImplementedError, RuntimeError):
+            model = models.create_model(model_name, num_classes=1000)
+    if not any(blurpool_matches(module) for module in model.modules()):
+        raise no_blurpool_conv(model_name)
 
 
 def place_model(dev, model, sync_bn=False, distributed=False):
@@ -322,15 +350,27 @@ def logged_figures(dev, watch, epoch, *values):
     return host[:len(values)]
 
 
+def eval_logits(model, images, tta_flip=False):
+    """The model's logits for an evaluation batch (NCHW); with `tta_flip` (--tta-flip, FFCV's lr_tta) the sum of
+    the logits of each image and of its left-right mirror."""
+    output = model(images)
+    if tta_flip:
+        output = output + model(torch.flip(images, dims=(3,)))
+    return output
+
+
 # --- Epochs: where they start, where a stop leaves them, and saving ------------------------------------------------
 
-def start_epoch(epoch, resumed, train_sampler, dev, batch_size, seed, augment=True):
-    """Set the data order, augmentation (`augment` False: no scale/aspect augmentation) and random state for
-    `epoch`: from its start (the main RNG re-seeded from `seed` and the epoch when `seed` is given, so that a
+def start_epoch(epoch, resumed, train_sampler, dev, batch_size, seed, augment=True, resolution=None):
+    """Set the data order, augmentation (`augment` False: no scale/aspect augmentation), training resolution
+    (`resolution`: progressive resizing's crop size; None: the loaders' own) and random state for `epoch`: from
+    its start (the main RNG re-seeded from `seed` and the epoch when `seed` is given, so that a
     resumed run repeats an uninterrupted one), or, for the epoch a mid-epoch checkpoint stopped in, from where
     it stopped. Returns the step the epoch starts at."""
     position = resumed.position if epoch == resumed.start_epoch else 0
-    train_sampler.set_epoch(epoch, position, augment)
+    train_sampler.set_epoch(epoch, position, augment, resolution)
+    if resolution is not None:
+        print(f'Epoch {epoch}: training at {resolution} px (progressive resizing)')
     if not augment and position == 0:
         print(f'Epoch {epoch}: no scale/aspect augmentation (random crop of the resized image and flip)')
     if not position:
@@ -397,16 +437,16 @@ def schedule_fields(schedule, ema=None):
 def save_checkpoint(dev, model_without_ddp, optimizer, fields, paths, *, model_name, classes, model_key='model',
                     position=None):
     """Write the checkpoint to each of `paths` (rank 0, atomically): the model under `model_key`, the optimizer,
-    the trainer's `fields` and the identity stamp (`model_name`, and the class names in label order, `classes`);
-    after a mid-epoch stop (at `position`, samples of the epoch's order trained), also what a resume needs to
-    continue exactly. Returns the first path."""
+    the trainer's `fields` and the identity stamp (`model_name`, whether the model has BlurPool, and the class names in
+    label order, `classes`); after a mid-epoch stop (at `position`, samples of the epoch's order trained), also what
+    a resume needs to continue exactly. Returns the first path."""
     with dev.checkpoint_state(model_without_ddp, optimizer) as (model_state, optimizer_state):
         if fields.get('model_ema') is not None:
             fields = dict(fields, model_ema=dev.module_state(fields['model_ema']))
         if dev.scaler is not None:
             fields = dict(fields, scaler=dev.scaler.state_dict())
         checkpoint = checkpoints.stamp({model_key: model_state, 'optimizer': optimizer_state, **fields},
-                                       model_name, len(classes), classes)
+                                       model_name, len(classes), classes, blurpool=has_blurpool(model_without_ddp))
         if position is not None:
             checkpoint.update(epoch_position=position, rng_state=dev.rng_state())
         checkpoints.save(checkpoint, *paths)
