@@ -375,7 +375,7 @@ def main(args):
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(train_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
-                        test_only=args.evaluate, progressive_resizing=recipe_flags.progressive_resizing(args))
+                        test_only=args.evaluate)
     if args.evaluate:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         validate(val_loader, model_without_ddp, criterion, dev, args.print_interval, args.num_train_steps,

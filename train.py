@@ -259,7 +259,7 @@ def main(args):
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(data_loader), args.num_train_steps),
                         start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
-                        test_only=args.test_only, progressive_resizing=recipe_flags.progressive_resizing(args))
+                        test_only=args.test_only)
     if args.test_only:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
         evaluate(model_without_ddp, criterion, data_loader_test, dev, args.print_freq, args.num_eval_steps,

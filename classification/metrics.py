@@ -20,7 +20,7 @@ import time
 import weakref
 from typing import NamedTuple
 
-from . import REPO_ROOT
+from . import REPO_ROOT, resolution
 from .cli import UsageError
 
 FILE_NAME = 'metrics.jsonl'
@@ -89,6 +89,14 @@ class NoMetrics:
 NO_METRICS = NoMetrics()
 
 
+def progressive_resizing_record(args):
+    """The header's record of progressive resizing (resolution.ProgressiveResizing.as_record), read from the run's
+    parsed arguments `args` (a plain dict); None without --min-res and the rest."""
+    flags = [args.get(name) for name in ('min_res', 'max_res', 'start_ramp', 'end_ramp')]
+    schedule = resolution.from_flags(*flags, args.get('res_rounding') or resolution.RES_ROUNDING)
+    return schedule.as_record() if schedule else None
+
+
 def open_run(output_dir, rank, tensorboard=False):
     """The writer of this rank: a MetricsFile on rank 0 with an --output-dir, else NO_METRICS."""
     if not output_dir or rank != 0:
@@ -137,12 +145,12 @@ class MetricsFile(NoMetrics):
               file=sys.stderr, flush=True)
 
     def header(self, *, args, recipe, device, world_size, batch_size, steps_per_epoch, start=FROM_THE_START,
-               test_only=False, precision=None, progressive_resizing=None):
+               test_only=False, precision=None):
         """The run's identity: command line, parsed arguments (`args`: a plain dict, checkpoints.plain_args),
         recipe, code and library versions, device and what decides its arithmetic (`precision`:
         the device layer's precision_settings(): --amp, --hmp, on CUDA TF32 and the deterministic kernels),
-        ranks and batch, the training resolution per epoch (`progressive_resizing`: resolution.ProgressiveResizing,
-        or None), and where it starts (`start`: RunStart); for a resume, the checkpoint and the epoch and
+        ranks and batch, the training resolution per epoch (progressive resizing's flags in `args`, or None), and
+        where it starts (`start`: RunStart); for a resume, the checkpoint and the epoch and
         step it continues at."""
         import torch
         import torchvision
@@ -159,7 +167,7 @@ class MetricsFile(NoMetrics):
                   'python_version': platform.python_version(), 'device': device, 'precision': precision,
                   'world_size': world_size,
                   'batch_size': batch_size, 'global_batch': self.global_batch, 'steps_per_epoch': steps_per_epoch,
-                  'progressive_resizing': progressive_resizing.as_record() if progressive_resizing else None,
+                  'progressive_resizing': progressive_resizing_record(args),
                   'args': args}
         self._write(record)
         if self.tensorboard is not None:

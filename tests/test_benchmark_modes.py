@@ -31,16 +31,16 @@ def test_synthetic_batches_are_one_normalised_uint8_batch_of_the_right_shape_wit
     assert dataset.kind == 'SYNTHETIC' and len(dataset.classes) == 1000
     batches = list(dataset.train)
     assert len(dataset.train) == len(batches) == 3
-    raw = dataset.train.loader  # the uint8 batch, made once, normalised on the device as FAST's
-    assert raw.images.dtype == torch.uint8 and raw.images.shape == (8, 3, 32, 32)
+    raw = dataset.train.loader.images(32)  # the uint8 batch, made once, normalised on the device as FAST's
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 3, 32, 32)
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
     for images, targets in batches:
         assert images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
         assert images.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(images, (raw.images.float() / 255 - mean) / std)
+        torch.testing.assert_close(images, (raw.float() / 255 - mean) / std)
         assert targets.dtype == torch.int64 and 0 <= targets.min() and targets.max() < 1000
     val = [images.shape[0] for images, _ in dataset.val]  # 25000 of ImageNet's 50000 per rank, the last batch short
-    assert len(val) == 3125 and val[-1] == 8 and dataset.val.loader.images.shape[-1] == 24
+    assert len(val) == 3125 and val[-1] == 8 and dataset.val.loader.images(24).shape[-1] == 24
     assert len(synthetic(batch_size=256).train) == 5005  # ImageNet's 1,281,167 images at batch 256, as Habana's log
 
 

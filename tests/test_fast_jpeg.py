@@ -97,9 +97,9 @@ def test_each_rank_reads_its_own_shard(jpeg_dataset):
         sampler = DistributedSampler(train, num_replicas=2, rank=rank, shuffle=True, seed=5)
         sampler.set_epoch(3)
         keys = list(samplers.EpochBatchSampler(sampler, 8))
-        assert {(epoch, augment) for epoch, _, augment in keys} == {(3, True)}
-        assert [batch for _, batch, _ in keys] == list(samplers.TrainBatchSampler(sampler, 8))
-        shards.append({i for _, batch, _ in keys for i in batch})
+        assert {(epoch, augment, resolution) for epoch, _, augment, resolution in keys} == {(3, True, None)}
+        assert [batch for _, batch, _, _ in keys] == list(samplers.TrainBatchSampler(sampler, 8))
+        shards.append({i for _, batch, _, _ in keys for i in batch})
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == len(train)
 
 

@@ -8,7 +8,7 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = 'classification'
 SCRIPTS = {'train', 'main', 'demo_resnet', 'demo_mobilenet', 'demo_googlenet', 'inference', 'plot_metrics',
-           'sample_data'}
+           'sample_data', 'shrink_dataset'}
 TOP_MODULES = SCRIPTS | {'utils'}  # utils.py: the design card's, imported by the trainers from beside them
 LAYOUT_DOC = REPO / 'docs' / 'layout.md'
 GRAPH_HEADING = '## Import graph'
