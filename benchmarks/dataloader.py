@@ -13,6 +13,11 @@ are the whole process's (its threads and the main thread, which reads the files 
 
     python benchmarks/dataloader.py                       # writes an ImageNet-like folder itself
     python benchmarks/dataloader.py --data DIR --workers 1 --repeats 5
+    python benchmarks/dataloader.py --shrunk-copy 500      # also FAST on a copy shrunk as shrink_dataset.py writes it
+
+With --shrunk-copy MAX_SIDE the folder is first copied by shrink_dataset.py's writer (classification/shrink.py,
+longer side at most MAX_SIDE, quality 90) into a temporary folder, and a 'fast, shrunk copy' row reads the copy's
+files in the same order with the same crops; its line ends with its ratio to the 'fast' row on the original.
 """
 import argparse
 import multiprocessing
@@ -46,10 +51,28 @@ def parse_args():
                         help='also run the device layer\'s to_device (CPU) on every batch in the main process')
     parser.add_argument('--classes', type=int, default=10, help='for the generated folder')
     parser.add_argument('--per-class', type=int, default=48, help='train images per class of the generated folder')
+    parser.add_argument('--shrunk-copy', type=int, metavar='MAX_SIDE',
+                        help='also time FAST on a copy of the folder shrunk to this longer side (FFCV rn50: 500)')
     return parser.parse_args()
 
 
-def build(root, args, dev):
+SHRUNK_ROW = 'fast, shrunk copy'
+
+
+def add_shrunk_copy(pipelines, copy_root, args, dev, train_sampler, val_sampler):
+    """The FAST pipeline over the shrunk copy's files, with the original's samplers (same order, same crops)."""
+    train = data.image_folder(os.path.join(copy_root, 'train'), None)
+    val = data.image_folder(os.path.join(copy_root, 'val'), None)
+    options = dict(pin_memory=dev.pin_memory(), start_method=dev.worker_start_method)
+    pipelines['train'][SHRUNK_ROW] = (fast_jpeg.batch_loader(
+        fast_jpeg.TrainBatches(list(train.samples), 224, seed=0), samplers.EpochBatchSampler(train_sampler, args.batch_size),
+        args.workers, **options), train_sampler)
+    pipelines['val'][SHRUNK_ROW] = (fast_jpeg.batch_loader(
+        fast_jpeg.EvalBatches(list(val.samples), 256, 224), BatchSampler(val_sampler, args.batch_size, drop_last=False),
+        args.workers, **options), val_sampler)
+
+
+def build(root, args, dev, copy_root=None):
     """{split: {pipeline: (loader, sampler)}} over the same files. 'fast, whole decode' is the fast
     pipeline without the region decoder (shown only where csrc/build.sh has built it); DALI_ROW where DALI
     can be imported."""
@@ -78,6 +101,8 @@ def build(root, args, dev):
     if dali_loaders is not None:
         pipelines['train'][DALI_ROW] = (dali_loaders[0], train_sampler)
         pipelines['val'][DALI_ROW] = (dali_loaders[1], val_sampler)
+    if copy_root is not None:
+        add_shrunk_copy(pipelines, copy_root, args, dev, train_sampler, val_sampler)
     return pipelines
 
 
@@ -148,22 +173,41 @@ def report(split, rates, workers):
     cpu = {name: statistics.median(r[1] for r in runs) for name, runs in rates.items()}
     for name in rates:
         runs = ' '.join(f'{r[0]:.0f}' for r in rates[name])
+        against_original = (f'; {cpu[name] / cpu["fast"]:.2f}x the original\'s fast img per worker CPU-s'
+                            if name == SHRUNK_ROW else '')
         print(f'{split:5s} {name:18s}: {wall[name] / max(workers, 1):6.1f} img/s per worker '
               f'{wall[name] / wall["reference"]:5.2f}x | {cpu[name]:6.1f} img per worker CPU-s '
-              f'{cpu[name] / cpu["reference"]:5.2f}x  (img/s by epoch: {runs})')
+              f'{cpu[name] / cpu["reference"]:5.2f}x  (img/s by epoch: {runs}){against_original}')
+
+
+def shrunk_copy(root, max_side, workers):
+    """A shrunk copy of root written by shrink_dataset.py's writer into a temporary folder; its path."""
+    from classification import shrink
+    copy_root = os.path.join(tempfile.mkdtemp(prefix='shrunk_copy_'), 'copy')
+    if shrink.run(root, copy_root, max_side, 90, max(workers, 1)) != 0:
+        sys.exit(f'the shrunk copy of {root} failed')
+    return copy_root
 
 
 def run(root, args):
+    copy_root = shrunk_copy(root, args.shrunk_copy, args.workers) if args.shrunk_copy else None
     torch.set_num_threads(1)  # the main process only receives batches; keep its cores for the workers
     dev = devices.create('cpu', channels_last=True)
-    pipelines = build(root, args, dev)
+    pipelines = build(root, args, dev, copy_root)
     print(f'machine: {describe()}; data: {root}; workers {args.workers}, batch {args.batch_size}, '
           f'{args.repeats} timed epochs each, medians, to_device {"on" if args.to_device else "off"}')
+    if copy_root is not None:
+        print(f'{SHRUNK_ROW}: {copy_root}, longer side at most {args.shrunk_copy} px, quality 90; '
+              f'{folder_megabytes(root):.1f} MB original, {folder_megabytes(copy_root):.1f} MB copy')
     if DALI_ROW in pipelines['train']:
         print(f'{DALI_ROW}: "worker" is one of its {max(args.workers, 1)} CPU threads; its CPU-s are the whole '
               "process's (its threads decode in it; the main thread reads the files)")
     for split in (('train', 'val') if args.split == 'both' else (args.split,)):
         report(split, compare(pipelines[split], args, dev if args.to_device else None), args.workers)
+
+
+def folder_megabytes(root):
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(root) for name in names) / 1e6
 
 
 def main():

@@ -9,10 +9,16 @@ B (its LR by the recipe's own batch rule: linear for nvidia/torchvision-v2/colla
 row; the nvidia recipes with their ResNet-50 values, on the model trained here), then `--epochs E -b B`; lengths
 given in epochs (warm-up, LARS decay horizon, the 1.4.0 step size) shrink by E / the recipe's epochs, and the
 LR-collapse phases (iterations at 4096) are rescaled to E epochs of this dataset at batch B. torchvision-v2 keeps
-its FixRes ratio (train crop 176/224 of the others', val resize 232/224). Evaluation after every epoch; the last
-` * Acc@1` (and `Test: EMA Acc@1` with EMA) is reported. Nothing is asserted: this prints a table.
+its FixRes ratio (train crop 176/224 of the others', val resize 232/224). An `ffcv-*` recipe keeps its own model's
+values (rn50: resnet50's LR rule, rn18: resnet18's) on the model trained here; its resolutions are scaled by
+TRAIN / 224 (the train crop of this run against ImageNet's 224): --min-res 160, --max-res 192, --res-rounding 32,
+validation crop 256 and resize 293 each times TRAIN / 224, rounded (at least 1); its ramp epochs and LR peak epoch
+shrink by E / the recipe's epochs. Evaluation after every epoch; the last ` * Acc@1` (and `Test: EMA Acc@1` with
+EMA) is reported, with the mean training time per epoch at each training resolution (from metrics.jsonl). Nothing
+is asserted: this prints a table.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -34,6 +40,34 @@ from classification import recipes, schedules  # noqa: E402
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS='1')
 RECIPE_EPOCHS = {'habana-1.4': 90, 'nvidia-90e': 90, 'nvidia-250e': 250, 'lr-collapse-72e': 72.29, 'lars': 35,
                  'torchvision-v2': 600}
+DEFAULT_RECIPES = [*RECIPE_EPOCHS, 'ffcv-rn50-16e']
+IMAGENET_CROP = 224
+
+
+def ffcv_epochs(name):
+    return int(name.rsplit('-', 1)[1].rstrip('e'))
+
+
+def scaled_pixels(value, train_crop):
+    return str(max(round(value * train_crop / IMAGENET_CROP), 1))
+
+
+def ffcv_budget(tokens, name, epochs, train_crop):
+    """The ffcv recipe's tokens with its resolutions scaled by train_crop / 224 and its epochs by epochs / its own."""
+    shrink = epochs / ffcv_epochs(name)
+    scaled = {'--min-res': lambda v: scaled_pixels(int(v), train_crop),
+              '--max-res': lambda v: scaled_pixels(int(v), train_crop),
+              '--val-resize-size': lambda v: scaled_pixels(int(v), train_crop),
+              '--val-crop-size': lambda v: scaled_pixels(int(v), train_crop),
+              '--start-ramp': lambda v: str(round(int(v) * shrink)),
+              '--end-ramp': lambda v: str(max(round(int(v) * shrink), round(int(tokens[tokens.index('--start-ramp') + 1])
+                                                                             * shrink))),
+              '--lr-peak-epoch': lambda v: f'{float(v) * shrink:.4g}'}
+    out = list(tokens)
+    for flag, scale in scaled.items():
+        at = out.index(flag)
+        out[at + 1] = scale(out[at + 1])
+    return out + ['--res-rounding', scaled_pixels(32, train_crop)]
 
 
 def run(cmd, log_path, env=None):
@@ -75,12 +109,14 @@ def recipe_flags(name, epochs, ipe, batch, crops):
     """The recipe's own flags for this batch (resnet50's values for the per-model nvidia recipes: the flags a
     `--recipe NAME` run prints as its equivalent command line), then the flags that scale it to the budget."""
     recipe = recipes.RECIPES[name]
-    tokens = recipe.flags('resnet50', batch)[0]
-    shrink = epochs / RECIPE_EPOCHS[name]
+    tokens = recipe.flags(recipe.models[0] if recipe.models else 'resnet50', batch)[0]
     train_crop, val_resize, val_crop = crops
-    budget = ['--epochs', str(epochs), '-b', str(batch), '--epochs-between-evals', '1', '--eval-offset-epochs', '0',
-              '--train-crop-size', str(train_crop), '--val-resize-size', str(val_resize), '--val-crop-size',
-              str(val_crop)]
+    common = ['--epochs', str(epochs), '-b', str(batch), '--epochs-between-evals', '1', '--eval-offset-epochs', '0']
+    if name.startswith('ffcv-'):
+        return ffcv_budget(tokens, name, epochs, train_crop) + common
+    shrink = epochs / RECIPE_EPOCHS[name]
+    budget = common + ['--train-crop-size', str(train_crop), '--val-resize-size', str(val_resize), '--val-crop-size',
+                       str(val_crop)]
     if name == 'habana-1.4':
         budget += ['--lr-step-size', str(max(round(30 * shrink), 1))]
     elif name in ('nvidia-90e', 'nvidia-250e'):
@@ -97,6 +133,17 @@ def recipe_flags(name, epochs, ipe, batch, crops):
     return tokens + budget
 
 
+def seconds_per_epoch_by_resolution(output_dir, train_crop):
+    """{training resolution: mean training seconds per epoch} from the run's metrics.jsonl."""
+    times = {}
+    with open(os.path.join(output_dir, 'metrics.jsonl')) as records:
+        for line in records:
+            record = json.loads(line)
+            if record['type'] == 'epoch':
+                times.setdefault(record.get('train.resolution', train_crop), []).append(record['train.time'])
+    return {size: statistics.mean(values) for size, values in sorted(times.items())}
+
+
 def final(pattern, text):
     found = re.findall(pattern, text, flags=re.M)
     return float(found[-1]) if found else None
@@ -110,7 +157,7 @@ def main():
     p.add_argument('--epochs', type=int, default=10)
     p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--crops', type=int, nargs=3, default=[28, 32, 28], metavar=('TRAIN', 'VAL_RESIZE', 'VAL_CROP'))
-    p.add_argument('--recipes', nargs='+', default=list(recipes.RECIPES))
+    p.add_argument('--recipes', nargs='+', default=DEFAULT_RECIPES, choices=list(recipes.RECIPES))
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--logs', default='', help='folder for the runs\' logs (default: a temporary folder)')
@@ -125,7 +172,7 @@ def main():
     rows = []
     for name in args.recipes:
         flags = recipe_flags(name, args.epochs, ipe, args.batch_size, args.crops)
-        top1, ema = [], []
+        top1, ema, epoch_times = [], [], {}
         for seed in args.seeds:
             cmd = ['nice', '-n', '10', sys.executable, os.path.join(ROOT, 'train.py'), '--device', 'cpu',
                    '--data-path', data_path, '--dl-worker-type', 'MP', '--workers', str(args.workers), '--print-freq', '50',
@@ -135,18 +182,22 @@ def main():
             text, seconds = run(cmd, os.path.join(logs, f'{name}-{seed}.log'), env=ONE_THREAD)
             top1.append(final(r'^ \* Acc@1 ([\d.]+)', text))
             ema.append(final(r'^Test: EMA Acc@1 ([\d.]+)', text))
+            for size, seconds_each in seconds_per_epoch_by_resolution(os.path.join(logs, f'{name}-{seed}'),
+                                                                      args.crops[0]).items():
+                epoch_times.setdefault(size, []).append(seconds_each)
             print(f'{name} seed {seed}: top-1 {top1[-1]}' + (f', EMA {ema[-1]}' if ema[-1] is not None else '')
                   + f' ({seconds:.0f} s)', flush=True)
-        rows.append((name, top1, ema, ' '.join(flags)))
+        per_resolution = ', '.join(f'{size} px {statistics.mean(t):.1f}' for size, t in sorted(epoch_times.items()))
+        rows.append((name, top1, ema, per_resolution, ' '.join(flags)))
     print(f'\n{args.model}, {args.epochs} epochs x {ipe} iterations at batch {args.batch_size}, seeds '
           f'{" ".join(map(str, args.seeds))}; logs in {logs}\n')
-    print('| recipe | top-1 mean ± std | runs | EMA top-1 | flags after the common ones |')
-    print('|---|---|---|---|---|')
-    for name, top1, ema, flags in rows:
+    print('| recipe | top-1 mean ± std | runs | EMA top-1 | s per epoch at each training resolution | flags |')
+    print('|---|---|---|---|---|---|')
+    for name, top1, ema, per_resolution, flags in rows:
         spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
         ema_text = f'{statistics.mean(ema):.2f}' if all(e is not None for e in ema) else ''
         print(f'| {name} | {statistics.mean(top1):.2f} ± {spread:.2f} | {" ".join(f"{t:.2f}" for t in top1)} | '
-              f'{ema_text} | `{flags}` |')
+              f'{ema_text} | {per_resolution} | `{flags}` |')
 
 
 if __name__ == '__main__':
