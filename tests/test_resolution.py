@@ -88,12 +88,19 @@ def progressive_settings(kind, workers=0, **extra):
                                   train_crop_size=32, val_resize_size=40, val_crop_size=32, progressive=True, **extra)
 
 
-def batch_sizes_per_epoch(built, resolutions):
-    """{epoch: set of (H, W) of its training batches} with the sampler set as the trainers set it."""
+def batch_sizes_per_epoch(built, resolutions, dev=None):
+    """{epoch: set of (H, W) of its training batches} with the sampler set as the trainers set it; with the device
+    layer `dev`, each batch also goes through its to_device, as the training step's do, and must come out
+    channels-last at every resolution."""
     seen = {}
     for epoch, size in enumerate(resolutions):
         built.train_sampler.set_epoch(epoch, 0, True, size)
-        seen[epoch] = {tuple(images.shape[2:]) for images, _ in built.train}
+        seen[epoch] = set()
+        for images, targets in built.train:
+            if dev is not None:
+                images, _ = dev.to_device(images, targets)
+                assert images.is_contiguous(memory_format=torch.channels_last), (epoch, size)
+            seen[epoch].add(tuple(images.shape[2:]))
     return seen
 
 
@@ -102,10 +109,10 @@ LOADER_KINDS = ['MP', 'FAST', 'HABANA', 'SYNTHETIC']
 
 @pytest.mark.parametrize('kind', LOADER_KINDS)
 def test_each_loader_trains_at_the_resolution_its_epoch_sets(kind, jpeg_dataset):
-    placement = devices.create('cpu', channels_last=True).loader_placement()
+    dev = devices.create('cpu', channels_last=True)
     path = loaders.SYNTHETIC if kind == 'SYNTHETIC' else jpeg_dataset
-    built = loaders.build(path, progressive_settings(kind, synthetic_images=20), RANKS, placement)
-    assert batch_sizes_per_epoch(built, [16, 24, None, 48]) == {0: {(16, 16)}, 1: {(24, 24)}, 2: {(32, 32)},
+    built = loaders.build(path, progressive_settings(kind, synthetic_images=20), RANKS, dev.loader_placement())
+    assert batch_sizes_per_epoch(built, [16, 24, None, 48], dev) == {0: {(16, 16)}, 1: {(24, 24)}, 2: {(32, 32)},
                                                                 3: {(48, 48)}}
     assert {tuple(images.shape[2:]) for images, _ in built.val} == {(32, 32)}  # validation keeps its own size
 
