@@ -59,17 +59,22 @@ def parse_args():
 SHRUNK_ROW = 'fast, shrunk copy'
 
 
+def fast_loaders(train_samples, val_samples, train_sampler, val_sampler, args, dev):
+    """(train, val) FAST loaders over these samples with these samplers (224 px crops; val: 256 resize)."""
+    options = dict(pin_memory=dev.pin_memory(), start_method=dev.worker_start_method)
+    return (fast_jpeg.batch_loader(fast_jpeg.TrainBatches(list(train_samples), 224, seed=0),
+                                   samplers.EpochBatchSampler(train_sampler, args.batch_size), args.workers, **options),
+            fast_jpeg.batch_loader(fast_jpeg.EvalBatches(list(val_samples), 256, 224),
+                                   BatchSampler(val_sampler, args.batch_size, drop_last=False), args.workers, **options))
+
+
 def add_shrunk_copy(pipelines, copy_root, args, dev, train_sampler, val_sampler):
     """The FAST pipeline over the shrunk copy's files, with the original's samplers (same order, same crops)."""
     train = data.image_folder(os.path.join(copy_root, 'train'), None)
     val = data.image_folder(os.path.join(copy_root, 'val'), None)
-    options = dict(pin_memory=dev.pin_memory(), start_method=dev.worker_start_method)
-    pipelines['train'][SHRUNK_ROW] = (fast_jpeg.batch_loader(
-        fast_jpeg.TrainBatches(list(train.samples), 224, seed=0), samplers.EpochBatchSampler(train_sampler, args.batch_size),
-        args.workers, **options), train_sampler)
-    pipelines['val'][SHRUNK_ROW] = (fast_jpeg.batch_loader(
-        fast_jpeg.EvalBatches(list(val.samples), 256, 224), BatchSampler(val_sampler, args.batch_size, drop_last=False),
-        args.workers, **options), val_sampler)
+    shrunk = fast_loaders(train.samples, val.samples, train_sampler, val_sampler, args, dev)
+    pipelines['train'][SHRUNK_ROW] = (shrunk[0], train_sampler)
+    pipelines['val'][SHRUNK_ROW] = (shrunk[1], val_sampler)
 
 
 def build(root, args, dev, copy_root=None):
@@ -84,10 +89,7 @@ def build(root, args, dev, copy_root=None):
     reference = tuple(data.make_loader(ds, sampler, train=is_train, batch_size=args.batch_size, workers=args.workers,
                                        placement=dev.loader_placement())
                       for ds, sampler, is_train in ((train, train_sampler, True), (val, val_sampler, False)))
-    fast = (fast_jpeg.batch_loader(fast_jpeg.TrainBatches(list(train.samples), 224, seed=0),
-                                   samplers.EpochBatchSampler(train_sampler, args.batch_size), args.workers, **options),
-            fast_jpeg.batch_loader(fast_jpeg.EvalBatches(list(val.samples), 256, 224),
-                                   BatchSampler(val_sampler, args.batch_size, drop_last=False), args.workers, **options))
+    fast = fast_loaders(train.samples, val.samples, train_sampler, val_sampler, args, dev)
     if args.to_device:  # the fast pipeline's uint8 batches become normalised float on the device, as in training
         fast = tuple(fast_jpeg.NormalizedOnDevice(loader, dev.torch_device) for loader in fast)
     pipelines = {'train': {'reference': (reference[0], train_sampler), 'fast': (fast[0], train_sampler)},

@@ -92,8 +92,7 @@ NO_METRICS = NoMetrics()
 def progressive_resizing_record(args):
     """The header's record of progressive resizing (resolution.ProgressiveResizing.as_record), read from the run's
     parsed arguments `args` (a plain dict); None without --min-res and the rest."""
-    flags = [args.get(name) for name in ('min_res', 'max_res', 'start_ramp', 'end_ramp')]
-    schedule = resolution.from_flags(*flags, args.get('res_rounding') or resolution.RES_ROUNDING)
+    schedule = resolution.from_arguments(args)
     return schedule.as_record() if schedule else None
 
 

@@ -58,7 +58,7 @@ def augmentation(args):
 def progressive_resizing(args):
     """resolution.ProgressiveResizing of --min-res, --max-res, --start-ramp, --end-ramp, --res-rounding; None
     without them."""
-    return resolution.from_flags(args.min_res, args.max_res, args.start_ramp, args.end_ramp, args.res_rounding)
+    return resolution.from_arguments(vars(args))
 
 
 def training_resolution(args, epoch):

@@ -76,3 +76,11 @@ def from_flags(min_res=None, max_res=None, start_ramp=None, end_ramp=None, round
         if schedule.at(epoch) <= 0:
             raise UsageError(f'--res-rounding {rounding} rounds epoch {epoch}\'s resolution to 0: use a smaller one')
     return schedule
+
+
+def from_arguments(values):
+    """from_flags of a run's parsed arguments as a dict (vars(args), or checkpoints.plain_args' copy); None
+    without the four flags (main.py's and train.py's parsers both have them)."""
+    flags = [values.get(name) for name in ('min_res', 'max_res', 'start_ramp', 'end_ramp')]
+    rounding = values.get('res_rounding')
+    return from_flags(*flags, RES_ROUNDING if rounding is None else rounding)
