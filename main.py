@@ -13,13 +13,17 @@ import sys
 import time
 from collections import namedtuple
 
-import torch
-from torchvision.models import GoogLeNetOutputs
+from classification import start_up
+if __name__ == '__main__':
+    start_up.guard(sys.argv)  # before anything slow: a stop signal from here on ends the run with one line
 
-from classification import (checkpoints, cli, devices, distributed, faults, loaders, metrics, recipe_flags, stopping,
-                            training)
-import utils
-from classification.cli import UsageError
+import torch  # noqa: E402
+from torchvision.models import GoogLeNetOutputs  # noqa: E402
+
+from classification import (checkpoints, cli, devices, distributed, faults, loaders, metrics, recipe_flags,
+                            stopping, training)
+import utils  # noqa: E402
+from classification.cli import UsageError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DEVICE_KIND = {'cpu': 'cpu', 'gpu': 'cuda', 'hpu': 'hpu'}  # --device gpu means CUDA, as in the original
@@ -312,7 +316,8 @@ def check_args(args):
         ('--save-checkpoint', args.save_checkpoint, 0), ('--start-epoch', args.start_epoch, 0),
         ('--train-crop-size', args.train_crop_size, least_crop), ('--val-crop-size', args.val_crop_size, least_crop),
         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
-    training.check_model_and_resume(args.model, args.resume)
+    training.check_model_and_resume(args.model, args.resume, args.output_dir,
+                                   '--evaluate' if args.evaluate else None)
     training.check_blurpool(args.model, args.blurpool)
     loaders.check_kind(args.dl_worker_type, args.data_path)
     recipe_flags.check(args)
@@ -364,8 +369,9 @@ def main(args):
     ema = extras.ema
 
     best_acc1, resumed = 0.0, training.NOT_RESUMED
-    if args.resume:
-        resumed = resume(args.resume, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema,
+    resume_path = training.checkpoint_to_resume(args.resume, args.output_dir)
+    if resume_path:
+        resumed = resume(resume_path, dev, model_without_ddp, optimizer, schedule, args.model, dataset.classes, ema,
                          args.blurpool)
         best_acc1, args.start_epoch = resumed.checkpoint['best_acc1'], resumed.start_epoch
 
@@ -374,7 +380,7 @@ def main(args):
                         precision=dev.precision_settings(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(train_loader), args.num_train_steps),
-                        start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
+                        start=metrics.RunStart(args.start_epoch, resumed.position, resume_path),
                         test_only=args.evaluate)
     if args.evaluate:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
@@ -388,7 +394,7 @@ def main(args):
     epoch_time = AverageMeter('EpochTime', ':6.3f')
     epoch_progress_total = max(args.epochs - args.start_epoch, 0)
     start_time = epoch_start = time.time()
-    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank, cli.rerun_status(args.resume))
     faults.watch_surroundings(launched=ranks.distributed)
     images_trained = 0
 
@@ -481,8 +487,10 @@ def get_args_parser(add_help=True):
     parser.add_argument('-p', '--print-interval', default=1, type=int, metavar='N',
                         help='print frequency (default: 1)')
     parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
-    parser.add_argument('--resume', default=None, type=str, metavar='PATH',
-                        help='path to latest checkpoint (default: None)')
+    parser.add_argument('--resume', default=None, type=str, metavar='PATH|auto',
+                        help='path to latest checkpoint (default: None); auto: --output-dir\'s checkpoint.pth when it '
+                             'exists, else a fresh start (a stop signal with epochs left then exits 75: run the same '
+                             'command again)')
     parser.add_argument('--save-checkpoint', default=1, const=5, type=int, nargs='?', metavar='N',
                         help='save a checkpoint every N epochs (bare flag: 5; 0: never; default: 1)')
     parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')

@@ -12,12 +12,16 @@ import os
 import sys
 import time
 
-import torch
+from classification import start_up
+if __name__ == '__main__':
+    start_up.guard(sys.argv)  # before anything slow: a stop signal from here on ends the run with one line
+
+import torch  # noqa: E402
 
 from classification import (benchmark_modes, checkpoints, cli, devices, distributed, faults, loaders, metrics,
                             recipe_flags, stopping, training)
-import utils
-from classification.cli import UsageError
+import utils  # noqa: E402
+from classification.cli import UsageError  # noqa: E402
 
 
 def train_one_epoch(model, criterion, optimizer, data_loader, dev, epoch, print_freq, *, dl_time_exclude=True,
@@ -168,7 +172,8 @@ def check_args(args):
                         ('--start-epoch', args.start_epoch, 0), ('--train-crop-size', args.train_crop_size, 1),
                         ('--val-crop-size', args.val_crop_size, 1),
                         ('--val-resize-size', args.val_resize_size, args.val_crop_size)))
-    training.check_model_and_resume(args.model, args.resume)
+    training.check_model_and_resume(args.model, args.resume, args.output_dir,
+                                   '--test-only' if args.test_only else None)
     training.check_blurpool(args.model, args.blurpool)
     loaders.check_kind(args.dl_worker_type, args.data_path)
     benchmark_modes.check(args.mode, args.bench_warmup, args.bench_iterations, args.benchmark_batch_sizes, args.compile)
@@ -246,8 +251,9 @@ def main(args):
     ema = extras.ema
 
     resumed = training.NOT_RESUMED
-    if args.resume:
-        checkpoint = checkpoints.load(args.resume, args.model, num_classes,
+    resume_path = training.checkpoint_to_resume(args.resume, args.output_dir)
+    if resume_path:
+        checkpoint = checkpoints.load(resume_path, args.model, num_classes,
                                       ('model', 'optimizer', 'lr_scheduler', 'epoch'), classes=dataset.classes,
                                       blurpool=args.blurpool)
         resumed = training.resume(checkpoint, dev, model_without_ddp, optimizer, schedule, 'model', ema)
@@ -258,7 +264,7 @@ def main(args):
                         precision=dev.precision_settings(),
                         world_size=ranks.world_size, batch_size=args.batch_size,
                         steps_per_epoch=min(len(data_loader), args.num_train_steps),
-                        start=metrics.RunStart(args.start_epoch, resumed.position, args.resume),
+                        start=metrics.RunStart(args.start_epoch, resumed.position, resume_path),
                         test_only=args.test_only)
     if args.test_only:
         evaluated = resumed.checkpoint.get('epoch')  # the epoch the checkpoint finished (None: none)
@@ -270,7 +276,7 @@ def main(args):
         return
 
     print('Start training')
-    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank)
+    stop = stopping.GracefulStop(ranks.distributed, args.dist_timeout, ranks.rank, cli.rerun_status(args.resume))
     faults.watch_surroundings(launched=ranks.distributed)
 
     def save(position):
@@ -382,7 +388,9 @@ def get_args_parser(add_help=True):
     parser.add_argument('--output-dir', default='.', help='path where to save (checkpoints, metrics.jsonl)')
     parser.add_argument('--channels-last', default='True', type=bool_arg,
                         help='whether input is in channels last format (True/False)')
-    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--resume', default='', metavar='PATH|auto',
+                        help='resume from checkpoint; auto: --output-dir\'s checkpoint.pth when it exists, else a fresh '
+                             'start (a stop signal with epochs left then exits 75: run the same command again)')
     parser.add_argument('--start-epoch', default=0, type=int, metavar='N', help='start epoch')
     parser.add_argument('--seed', type=int, default=123, help='random seed')
     parser.add_argument('--cache-dataset', dest='cache_dataset', action='store_true',

@@ -68,6 +68,41 @@ def ffcv_budget(tokens, name, epochs, train_crop):
     return out + ['--res-rounding', scaled_pixels(32, train_crop)]
 
 
+def run(cmd, log_path, env=None):
+    """Run cmd with its output in log_path; (output, seconds). A failed run ends the benchmark with its log's tail."""
+    started = time.time()
+    with open(log_path, 'w') as log:
+        log.write(shlex.join(cmd) + '\n')
+        log.flush()
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    with open(log_path) as log:
+        text = log.read()
+    if code != 0:
+        sys.exit(f'failed (exit {code}): {shlex.join(cmd)}\n{text[-3000:]}')
+    return text, time.time() - started
+
+
+def iterations_per_epoch(data_path, batch):
+    train = os.path.join(data_path, 'train')
+    images = sum(len(files) for _, _, files in os.walk(train))
+    return math.ceil(images / batch) - int(images % batch == 1)
+
+
+def collapse_phases(epochs, ipe, batch):
+    """The spec 2.4 phases for E epochs of ipe iterations at batch B: LRs x B/4096, lengths in proportion."""
+    length = epochs * ipe / 22610  # the recipe's 22 610 iterations become E epochs
+    lr = batch / recipes.COLLAPSE_BATCH
+    phases = []
+    for text in recipes.COLLAPSE_PHASES:
+        phase = schedules.parse_phase(text)
+        shrunk = phase.scaled(1 / length)  # lengths x length (its LRs are set below)
+        phases.append(schedules.Phase(
+            iterations=shrunk.iterations, base_lr=phase.base_lr * lr, warmup_iterations=shrunk.warmup_iterations,
+            warmup_start_lr=phase.warmup_start_lr * lr, horizon=shrunk.horizon, power=phase.power,
+            weight_decay=phase.weight_decay, augment=phase.augment).describe())
+    return phases
+
+
 def recipe_flags(name, epochs, ipe, batch, crops):
     """The recipe's own flags for this batch (resnet50's values for the per-model nvidia recipes: the flags a
     `--recipe NAME` run prints as its equivalent command line), then the flags that scale it to the budget."""

@@ -15,6 +15,33 @@ CLEAN_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Every signal the trainer answers by saving, then exiting 128 + N for the last three: the terminal or ssh
 # session gone (SIGHUP), Ctrl-C or LSF's bkill (SIGINT; a second one stops at once), a CPU-time limit (SIGXCPU).
 STOP_SIGNALS = CLEAN_STOP_SIGNALS + (signal.SIGHUP, signal.SIGINT, signal.SIGXCPU)
+# --resume auto: the output folder's checkpoint.pth when there is one, else a fresh start.
+AUTO_RESUME = 'auto'
+# The exit status of a run under --resume auto that a scheduler's stop ended with epochs left: it saved and asks
+# to be run again (sysexits.h's EX_TEMPFAIL), which a job script tells from a finished run (0) and requeues.
+RERUN_EXIT_STATUS = 75
+
+
+def stop_exit_status(signum, rerun_status=0):
+    """The exit status of a run that stop signal `signum` ended: `rerun_status` after a scheduler's stop
+    (CLEAN_STOP_SIGNALS; 0, or RERUN_EXIT_STATUS for a run with work left under --resume auto), 128 + N after
+    another signal N."""
+    return rerun_status if signum in CLEAN_STOP_SIGNALS else 128 + signum
+
+
+def rerun_status(resume):
+    """The status a scheduler's stop with epochs left exits with: RERUN_EXIT_STATUS under --resume auto, else 0."""
+    return RERUN_EXIT_STATUS if resume == AUTO_RESUME else 0
+
+
+def rerun_status_of_command(argv):
+    """rerun_status read from a command line, before its parser runs (a stop can come while torch imports)."""
+    words = list(argv)
+    given = [b for a, b in zip(words, words[1:]) if a == '--resume'] + [w[len('--resume='):] for w in words
+                                                                        if w.startswith('--resume=')]
+    if AUTO_RESUME in given:
+        return RERUN_EXIT_STATUS
+    return 0
 
 
 class CleanExit(Exception):

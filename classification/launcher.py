@@ -128,6 +128,39 @@ def place_ranks(world_size, process_per_node, environ):
     return Placement(world_size, hosts, per_host)
 
 
+def check_slurm_allocation(placement, environ):
+    """Inside a SLURM allocation (SLURM_JOB_ID) the wrapper's mpirun places its ranks on the allocation's task
+    slots (SLURM_TASKS_PER_NODE), so a --world-size beyond them is refused here, in one line, instead of by
+    mpirun's page of text; and so is a wrapper started as several tasks of a step (srun -n N), each of which would
+    start a job of its own."""
+    job = environ.get('SLURM_JOB_ID')
+    if not job or placement.world_size == 1:
+        return
+    step_tasks = environ.get('SLURM_STEP_NUM_TASKS', '')
+    if step_tasks.isdigit() and int(step_tasks) > 1:
+        raise UsageError(f'this wrapper is one of {step_tasks} tasks of SLURM step {job}.{environ.get("SLURM_STEP_ID")} '
+                         f'(srun -n {step_tasks}), and each would start its own {placement.world_size} ranks: run it '
+                         'once in the job script, without srun (its mpirun uses the allocation), or start train.py '
+                         f'itself with srun -n {placement.world_size}')
+    tasks_per_node = environ.get('SLURM_TASKS_PER_NODE', '')
+    slots = allocation_slots(tasks_per_node)
+    if not placement.hosts and slots and placement.world_size > slots:
+        raise UsageError(f'--world-size {placement.world_size}: SLURM job {job} has {slots} task slot(s) '
+                         f'(SLURM_TASKS_PER_NODE={tasks_per_node}), where mpirun places the ranks; ask for '
+                         f'{placement.world_size} (#SBATCH --ntasks={placement.world_size}) or lower --world-size')
+
+
+def allocation_slots(tasks_per_node):
+    """The task slots of SLURM_TASKS_PER_NODE ('2(x3),1': 7); 0 when it cannot be read."""
+    total = 0
+    for entry in filter(None, tasks_per_node.split(',')):
+        match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', entry.strip())
+        if not match:
+            return 0
+        total += int(match.group(1)) * int(match.group(2) or 1)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command line
 
@@ -350,6 +383,7 @@ def launch_demo(parser, trainer_args, trainer, print_namespace, argv):
         print(args)
     world_size = 8 if args.dist and args.world_size == 1 else args.world_size  # as the originals
     placement = place_ranks(world_size, args.process_per_node, os.environ)
+    check_slurm_allocation(placement, os.environ)
     command = with_recipe(trainer_args(args, placement.process_per_node or None), parser, argv, args, world_size)
     if args.print_schedule:
         return print_schedule(trainer, command, world_size)
@@ -436,7 +470,8 @@ def add_train_py_flags(parser, model, dl_worker_type):
     parser.add_argument('--channels-last', default=True, type=cli.parse_bool, help='channels-last input (True/False)')
     parser.add_argument('--deterministic', action='store_true', help='deterministic data loading')
     parser.add_argument('--seed', default=123, type=int, help='random seed')
-    parser.add_argument('--resume', default='', help='checkpoint to resume from')
+    parser.add_argument('--resume', default='', metavar='PATH|auto',
+                        help='checkpoint to resume from; auto: --output-dir\'s checkpoint.pth when it exists')
     parser.add_argument('--save-checkpoint', action='store_true', help='save a checkpoint after every epoch')
 
 

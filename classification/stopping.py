@@ -15,7 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .cli import CLEAN_STOP_SIGNALS, STOP_SIGNALS, CleanExit
+from . import start_up
+from .cli import STOP_SIGNALS, CleanExit, stop_exit_status
 
 
 class Fault(enum.IntEnum):
@@ -45,12 +46,13 @@ class GracefulStop:
     cancel the save; a second SIGINT (Ctrl-C) stops at once, and SIGKILL does.
     """
 
-    def __init__(self, distributed=False, timeout_s=None, rank=0):
+    def __init__(self, distributed=False, timeout_s=None, rank=0, rerun_status=0):
         global _active
         self.signum = 0  # the cause: a signal number, or a fault (FAULT_BASE * Fault + rank); 0 while none
         self.received_at = None
         self.seen_at_step = None  # the step during which this rank saw the signal
         self.rank = rank
+        self.rerun_status = rerun_status  # a scheduler's stop with epochs left: cli.RERUN_EXIT_STATUS (--resume auto)
         self.group = None
         if distributed:  # bounded like every other wait for the ranks (--dist-timeout)
             timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
@@ -58,6 +60,7 @@ class GracefulStop:
         self.pending = None  # (work, flag tensor) of the all-reduce started after the previous step
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
+        start_up.hand_over()
         _active = self
 
     def _handle(self, signum, frame):
@@ -97,9 +100,12 @@ class GracefulStop:
     @property
     def exit_status(self):
         """0 after a scheduler's stop (cli.CLEAN_STOP_SIGNALS), 128 + N after another signal N, 1 after a fault."""
-        if self.is_fault:
-            return 1
-        return 0 if self.signum in CLEAN_STOP_SIGNALS else 128 + self.signum
+        return 1 if self.is_fault else stop_exit_status(self.signum)
+
+    @property
+    def exit_status_with_epochs_left(self):
+        """exit_status, but `rerun_status` after a scheduler's stop (--resume auto: run the job again)."""
+        return 1 if self.is_fault else stop_exit_status(self.signum, self.rerun_status)
 
     def after_step(self, step):
         """Whether the run stops after `step`, the step just done (every rank gets the same answer)."""
@@ -122,6 +128,17 @@ class GracefulStop:
         flag = torch.tensor([self.signum], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return self._agree(flag)
+
+    def wait_for_the_save(self):
+        """After a stop's save, every rank leaves together: rank 0 is the one that saves, and a launcher ends the
+        ranks still running when one exits non-zero (mpirun aborts the job on --resume auto's 75, or a fault's 1),
+        which would cut that save short."""
+        if self.group is None:
+            return
+        try:
+            dist.barrier(group=self.group)
+        except RuntimeError:  # a rank is gone: nothing left to wait for
+            pass
 
     def _collect(self):
         if self.pending is None:

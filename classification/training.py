@@ -19,17 +19,37 @@ import torch.nn as nn
 from . import checkpoints, devices, distributed, optimizers, samplers
 from .blurpool import MIN_IN_CHANNELS, apply_blurpool, has_blurpool, matches as blurpool_matches
 import model as models
-from .cli import UsageError
+from .cli import AUTO_RESUME, UsageError
 
 
 # --- Checks and set-up ------------------------------------------------------------------------------------------
 
-def check_model_and_resume(model_name, resume_path):
-    """The checks on --model and --resume both trainers make before any data is read or any file written."""
+def check_model_and_resume(model_name, resume_path, output_dir=None, evaluation_flag=None):
+    """The checks on --model and --resume both trainers make before any data is read or any file written.
+    evaluation_flag: the flag that made the run an evaluation (--test-only, main.py's --evaluate), else None."""
     if model_name not in models.available_models():
         raise UsageError(f"--model: unknown model '{model_name}'; choose one of: " + ', '.join(models.available_models()))
-    if resume_path and not os.path.isfile(resume_path):
+    if resume_path == AUTO_RESUME:
+        if evaluation_flag:
+            raise UsageError(f'--resume auto with {evaluation_flag}: an evaluation needs a checkpoint that exists; '
+                             'name it, --resume PATH')
+        if not output_dir:
+            raise UsageError("--resume auto resumes from --output-dir's checkpoint.pth: give --output-dir")
+    elif resume_path and not os.path.isfile(resume_path):
         raise UsageError(f"--resume: checkpoint '{resume_path}' does not exist")
+
+
+def checkpoint_to_resume(resume, output_dir):
+    """The checkpoint a run resumes from: --resume's, or under --resume auto `output_dir`'s checkpoint.pth when it
+    exists, else None (a fresh start), said in one line; it then gets --resume's checks (model, classes, ...)."""
+    if resume != AUTO_RESUME:
+        return resume or None
+    path = os.path.join(output_dir, 'checkpoint.pth')
+    if os.path.isfile(path):
+        print(f'--resume auto: resuming from {path}')
+        return path
+    print(f'--resume auto: no {path} yet, so a fresh start')
+    return None
 
 
 def hmp_config(enabled, bf16_path, fp32_path, opt_level='O1', verbose=False):
@@ -399,9 +419,11 @@ def unfinished_position(stopped_at, first_step, train_sampler, batch_size):
 
 def stop_and_save(stop, save, epoch, position=None, step=None):
     """Save with `save(position)` (None: a complete epoch), say where the run stopped and how long it took, and
-    return the run's exit status (stopping.GracefulStop.exit_status: 0 after a scheduler's stop signal)."""
+    return the run's exit status (stopping.GracefulStop.exit_status_with_epochs_left: 0 after a scheduler's stop
+    signal, cli.RERUN_EXIT_STATUS under --resume auto)."""
     started = time.time()
     path = save(position)
+    stop.wait_for_the_save()
     what = 'fault' if stop.is_fault else 'signal'
     where = f'epoch {epoch} (complete)'
     if position is not None:
@@ -411,8 +433,9 @@ def stop_and_save(stop, save, epoch, position=None, step=None):
         print(f'Stopped by {stop.signal_name}; no --output-dir, so no checkpoint was written')
     else:
         print(f'Stopped by {stop.signal_name}: saved {where} to {path} in {time.time() - started:.1f} s '
-              f'({time.time() - stop.received_at:.1f} s after the {what}); continue with --resume {path}')
-    return stop.exit_status
+              f'({time.time() - stop.received_at:.1f} s after the {what}); continue with '
+              + ('the same command (--resume auto)' if stop.rerun_status else f'--resume {path}'))
+    return stop.exit_status_with_epochs_left
 
 
 def status_after_the_last_epoch(stop):

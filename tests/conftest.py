@@ -141,6 +141,16 @@ def command_line(pid):
         return ''
 
 
+def catches_signal(pid, signum):
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask): False once it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            mask = int(re.search(r'^SigCgt:\s*([0-9a-f]+)', f.read(), re.M).group(1), 16)
+    except (OSError, AttributeError):
+        return False
+    return bool(mask & (1 << (signum - 1)))
+
+
 def job_processes(root_pid):
     """`root_pid` and every process below it: what a scheduler's cgroup holds (mpirun, ranks, forkservers, loader
     workers)."""
