@@ -532,3 +532,24 @@ def test_a_recipe_value_that_does_not_fit_the_given_epochs_says_it_came_from_the
                    'sets, for its own --epochs: give the flag too, e.g. for a shorter trial run)']
     assert run_in_process(train, ['--recipe', 'lars', '--epochs', '2', '--lr-warmup-epochs', '1', '--print-schedule',
                                   '--data-path', '/nonexistent']) == 0
+
+
+def load_benchmark(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(train.__file__), 'benchmarks',
+                                                                      f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('name', sorted(recipes.RECIPES))
+def test_every_recipe_scaled_by_the_digits_benchmark_is_a_command_line_train_py_takes(name):
+    """benchmarks/recipes_on_digits.py (benchmarks/RESULTS.md sections 7 and 12) builds its runs from these flags."""
+    bench = load_benchmark('recipes_on_digits')
+    flags = bench.recipe_flags(name, 10, 45, 32, (28, 32, 28))
+    args = recipe_flags.parse_args(train.get_args_parser(), ['--data-path', 'synthetic', *flags])
+    train.check_args(args)
+    assert (args.epochs, args.batch_size) == (10, 32)
+    if name.startswith('ffcv-'):
+        assert (args.min_res, args.max_res, args.val_crop_size) == (20, 24, 32)
