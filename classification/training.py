@@ -35,6 +35,9 @@ def check_model_and_resume(model_name, resume_path, output_dir=None, evaluation_
                              'name it, --resume PATH')
         if not output_dir:
             raise UsageError("--resume auto resumes from --output-dir's checkpoint.pth: give --output-dir")
+        latest = os.path.join(output_dir, 'checkpoint.pth')
+        if os.path.exists(latest) and not os.path.isfile(latest):
+            raise UsageError(f"--resume auto: '{latest}' is not a file; move it away or name another --output-dir")
     elif resume_path and not os.path.isfile(resume_path):
         raise UsageError(f"--resume: checkpoint '{resume_path}' does not exist")
 

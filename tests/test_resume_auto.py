@@ -45,6 +45,9 @@ def test_resume_auto_needs_an_output_folder_and_is_refused_for_an_evaluation(tmp
     with pytest.raises(UsageError, match=r"^--resume auto resumes from --output-dir's checkpoint.pth"):
         training.check_model_and_resume('resnet18', 'auto', '')
     training.check_model_and_resume('resnet18', 'auto', str(tmp_path / 'not-yet'))
+    (tmp_path / 'checkpoint.pth').mkdir()
+    with pytest.raises(UsageError, match=r"^--resume auto: '.*/checkpoint.pth' is not a file; move it away"):
+        training.check_model_and_resume('resnet18', 'auto', str(tmp_path))
 
 
 def test_resume_auto_names_the_checkpoint_it_found_or_the_fresh_start(tmp_path, capsys):
