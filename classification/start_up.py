@@ -15,6 +15,7 @@ import threading
 from .cli import STOP_SIGNALS, rerun_status_of_command, stop_exit_status
 
 _guard = None
+_ignored_at_start = None  # the stop signals the process started with ignored, read by `guard`
 
 
 class _StartUpGuard:
@@ -23,7 +24,7 @@ class _StartUpGuard:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
         self.handed_over = False
-        for signum in STOP_SIGNALS:  # a Python handler, so that the signal reaches the wakeup fd
+        for signum in answered_signals():  # a Python handler, so that the signal reaches the wakeup fd
             signal.signal(signum, _ignore_in_the_main_thread)
         signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, name='start-up stop signals', daemon=True).start()
@@ -60,8 +61,9 @@ def _ignore_in_the_main_thread(signum, frame):
 def guard(argv):
     """From here until `hand_over`, a stop signal ends the process with one line (the trainers' first lines).
     argv: the command line, read only for `--resume auto` (cli.rerun_status_of_command)."""
-    global _guard
+    global _guard, _ignored_at_start
     if _guard is None and threading.current_thread() is threading.main_thread():
+        _ignored_at_start = ignored_now()
         _guard = _StartUpGuard(rerun_status_of_command(argv))
 
 
@@ -71,3 +73,14 @@ def hand_over():
     if _guard is not None:
         _guard.hand_over()
         _guard = None
+
+
+def ignored_now():
+    return {signum for signum in STOP_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN}
+
+
+def answered_signals():
+    """The stop signals a run answers: all of cli.STOP_SIGNALS but those it started with ignored (`nohup`
+    ignores SIGHUP, a shell's `&` SIGINT), which stay ignored, as the one who started it asked."""
+    ignored = ignored_now() if _ignored_at_start is None else _ignored_at_start
+    return [signum for signum in STOP_SIGNALS if signum not in ignored]

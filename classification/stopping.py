@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import start_up
-from .cli import STOP_SIGNALS, CleanExit, stop_exit_status
+from .cli import CleanExit, stop_exit_status
 
 
 class Fault(enum.IntEnum):
@@ -58,7 +58,7 @@ class GracefulStop:
             timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
             self.group = dist.new_group(backend='gloo', timeout=timeout)
         self.pending = None  # (work, flag tensor) of the all-reduce started after the previous step
-        for signum in STOP_SIGNALS:
+        for signum in start_up.answered_signals():
             signal.signal(signum, self._handle)
         start_up.hand_over()
         _active = self

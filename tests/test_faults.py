@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -223,6 +224,20 @@ def test_a_shell_or_scheduler_signal_to_the_process_group_saves_with_an_exit_sta
     assert stopped and stopped.group(1) == signal.Signals(signum).name, log[-3000:]
     step, position = int(stopped.group(3)), int(stopped.group(4))
     assert step < 11 and torch.load(out / 'checkpoint.pth', weights_only=True)['epoch_position'] == position
+
+
+@pytest.mark.slow
+def test_under_nohup_a_sighup_leaves_the_run_training_to_the_end(jpeg_dataset, tmp_path):
+    """A signal the run was started with ignored stays ignored (`nohup` ignores SIGHUP): before, the trainer's
+    handler took it over and a closed terminal stopped a nohup'd run (saved, exit 129)."""
+    proc = start_process(['nohup', sys.executable, 'train.py', '--data-path', jpeg_dataset, *REAL,
+                          '--dl-worker-type', 'MP', '--epochs', '1', '--num-eval-steps', '1',
+                          '--output-dir', str(tmp_path / 'out')])
+    read_until(proc, r'^Epoch: \[0\]  \[ 5/12\]')
+    os.killpg(proc.pid, signal.SIGHUP)
+    log = finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    assert 'Stopped by' not in log and 'SIGHUP' not in log and re.search(r'^Training time ', log, re.M)
 
 
 @pytest.mark.slow
