@@ -164,8 +164,13 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
             time.sleep(0.25)
 
     def start_now(self, job_id, timeout=120):
-        """Start a requeued job, which waits for a begin time about two minutes on (the requeue may still be
-        completing at the first update, which then does not hold: update until it runs)."""
+        """Start a requeued job, which waits for a begin time about two minutes on. Not too soon: the requeue
+        revokes the old run's credential on the node, and a start in the same second is refused ('Killing
+        non-startable batch JobId=J: Job credential revoked', the job FAILED): wait for the node to finish the old
+        run, and a few seconds more."""
+        self.wait_for(lambda: 'comp' not in self.run('sinfo', '-h', '-o', '%T').stdout.lower(),
+                      'the node to finish the requeued run')
+        time.sleep(3)
         deadline = time.time() + timeout
         while (fields := self.job(job_id))['JobState'] == 'PENDING':
             assert time.time() < deadline, f'job {job_id} still pending after {timeout} s: {fields}'
