@@ -230,7 +230,8 @@ def validate(val_loader, model, criterion, dev, print_interval, num_train_steps=
 
 
 def checkpoint_paths(output_dir, epoch, device, is_best):
-    paths = [os.path.join(output_dir, f'checkpoint_{epoch}_{device}.pth.tar')]
+    """The original's files, and checkpoint.pth, the latest of them, which --resume auto reads."""
+    paths = [os.path.join(output_dir, f'checkpoint_{epoch}_{device}.pth.tar'), training.latest_checkpoint(output_dir)]
     if is_best:
         paths.append(os.path.join(output_dir, f'model_best{epoch}.pth.tar'))
     return paths
@@ -238,7 +239,8 @@ def checkpoint_paths(output_dir, epoch, device, is_best):
 
 def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, best_acc1, is_best, args,
                     classes, position=None, ema=None):
-    """checkpoint_<epoch>_<device>.pth.tar, and the same file as model_best<epoch>.pth.tar on a new best, with
+    """checkpoint_<epoch>_<device>.pth.tar and checkpoint.pth (--resume auto's), and the same file as
+    model_best<epoch>.pth.tar on a new best, with
     the class names in label order (`classes`) and the run's arguments (`args`), for inference.py.
 
     After a mid-epoch stop (at `position`: samples of the epoch's order trained) the file also holds what a

@@ -204,7 +204,7 @@ def save_checkpoint(dev, model_without_ddp, optimizer, schedule, epoch, args, cl
     resume needs to continue exactly. Returns checkpoint.pth's path (None without --output-dir)."""
     if not args.output_dir:
         return None
-    latest = os.path.join(args.output_dir, 'checkpoint.pth')
+    latest = training.latest_checkpoint(args.output_dir)
     paths = [latest] if position is not None else [os.path.join(args.output_dir, f'model_{epoch}.pth'), latest]
     fields = {**training.schedule_fields(schedule, ema), 'epoch': epoch, 'args': checkpoints.plain_args(args)}
     training.save_checkpoint(dev, model_without_ddp, optimizer, fields, paths, model_name=args.model, classes=classes,

@@ -39,9 +39,7 @@ def rerun_status_of_command(argv):
     words = list(argv)
     given = [b for a, b in zip(words, words[1:]) if a == '--resume'] + [w[len('--resume='):] for w in words
                                                                         if w.startswith('--resume=')]
-    if AUTO_RESUME in given:
-        return RERUN_EXIT_STATUS
-    return 0
+    return max(map(rerun_status, given), default=0)
 
 
 class CleanExit(Exception):

@@ -35,11 +35,16 @@ def check_model_and_resume(model_name, resume_path, output_dir=None, evaluation_
                              'name it, --resume PATH')
         if not output_dir:
             raise UsageError("--resume auto resumes from --output-dir's checkpoint.pth: give --output-dir")
-        latest = os.path.join(output_dir, 'checkpoint.pth')
+        latest = latest_checkpoint(output_dir)
         if os.path.exists(latest) and not os.path.isfile(latest):
             raise UsageError(f"--resume auto: '{latest}' is not a file; move it away or name another --output-dir")
     elif resume_path and not os.path.isfile(resume_path):
         raise UsageError(f"--resume: checkpoint '{resume_path}' does not exist")
+
+
+def latest_checkpoint(output_dir):
+    """The checkpoint every save rewrites (each completed epoch, each stop): what --resume auto resumes from."""
+    return os.path.join(output_dir, 'checkpoint.pth')
 
 
 def checkpoint_to_resume(resume, output_dir):
@@ -47,7 +52,7 @@ def checkpoint_to_resume(resume, output_dir):
     exists, else None (a fresh start), said in one line; it then gets --resume's checks (model, classes, ...)."""
     if resume != AUTO_RESUME:
         return resume or None
-    path = os.path.join(output_dir, 'checkpoint.pth')
+    path = latest_checkpoint(output_dir)
     if os.path.isfile(path):
         print(f'--resume auto: resuming from {path}')
         return path

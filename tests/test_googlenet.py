@@ -134,8 +134,9 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     accuracies = epoch_accuracies(first)
     assert len(accuracies) == 3
     names = {p.name for p in tmp_path.iterdir()}
-    assert names - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar', 'metrics.jsonl'}
+    assert names - {'model_best1.pth.tar'} == {'checkpoint_1_cpu.pth.tar', 'checkpoint.pth', 'metrics.jsonl'}
     checkpoint = load(tmp_path / 'checkpoint_1_cpu.pth.tar')
+    assert torch.equal(load(tmp_path / 'checkpoint.pth')['state_dict']['fc.weight'], checkpoint['state_dict']['fc.weight'])
     assert set(checkpoint) == {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'lr_scheduler', 'schedule',
                                'args', 'format_version', 'model_name', 'num_classes', 'classes'}
     assert checkpoint['classes'] == [f'class_{c:02d}' for c in range(CLASSES)]
@@ -150,7 +151,8 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     best_run = tmp_path / 'best'
     run_main(jpeg_dataset, tmp_path, '--epochs', '3', '--save-checkpoint', '1', '--resume', str(beatable),
              '--output-dir', str(best_run))
-    assert {p.name for p in best_run.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'model_best2.pth.tar', 'metrics.jsonl'}
+    assert {p.name for p in best_run.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'checkpoint.pth', 'model_best2.pth.tar',
+                                                'metrics.jsonl'}
     saved, best = load(best_run / 'checkpoint_2_cpu.pth.tar'), load(best_run / 'model_best2.pth.tar')
     assert best['epoch'] == 2 and best['best_acc1'] == saved['best_acc1'] >= 0.0
     assert all(torch.equal(best['state_dict'][k], v) for k, v in saved['state_dict'].items())
@@ -165,7 +167,7 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert f"=> loaded checkpoint '{resumable}' (epoch 1)" in second
     assert 'training epoch  2' in second and 'training epoch  1' not in second
     assert re.search(r'^END OF EPOCH \[2\]:\[1/1\]\tEpochTime ', second, flags=re.M)
-    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'metrics.jsonl'}
+    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'checkpoint.pth', 'metrics.jsonl'}
     resumed = load(out / 'checkpoint_2_cpu.pth.tar')
     assert resumed['best_acc1'] == 100.0
     # The step schedule went on from the checkpoint: three decays of 0.1 after epochs 0, 1 and 2.
@@ -178,7 +180,7 @@ def test_checkpoint_names_best_copies_resume_and_evaluate(jpeg_dataset, tmp_path
     assert 'training epoch' not in evaluated and 'MODEL EVAL' in evaluated
     assert f'Test: evaluated {VAL_IMAGES} images' in evaluated
     assert epoch_accuracies(evaluated) == epoch_accuracies(second)
-    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'metrics.jsonl'}  # --evaluate: records only
+    assert {p.name for p in out.iterdir()} == {'checkpoint_2_cpu.pth.tar', 'checkpoint.pth', 'metrics.jsonl'}  # --evaluate: records only
     evaluation = metrics.read(str(out))[-2:]
     assert [r['type'] for r in evaluation] == ['header', 'val'] and evaluation[0]['mode'] == 'test-only'
     assert evaluation[1]['val.top1'] == pytest.approx(epoch_accuracies(second)[-1], abs=1e-3)

@@ -159,6 +159,24 @@ def test_a_stop_under_resume_auto_exits_75_and_the_same_command_again_ends_with_
 
 
 @pytest.mark.slow
+def test_main_py_under_resume_auto_writes_checkpoint_pth_and_the_same_command_with_more_epochs_resumes_it(
+        jpeg_dataset, tmp_path):
+    """main.py saves under the original's names (checkpoint_<epoch>_<device>.pth.tar); before, --resume auto found
+    no checkpoint.pth there and every rerun started afresh."""
+    out = str(tmp_path / 'out')
+    common = ['main.py', '--data-path', jpeg_dataset, '--device', 'cpu', '--batch-size', '4', '--workers', '2',
+              '--print-interval', '3', '--dl-worker-type', 'MP', '--train-crop-size', '64', '--val-resize-size', '72',
+              '--val-crop-size', '64', '--num-train-steps', '3', '--output-dir', out, '--resume', 'auto']
+    first = run_script(common + ['--epochs', '1'])
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert f'--resume auto: no {out}/checkpoint.pth yet, so a fresh start' in first.stdout
+    again = run_script(common + ['--epochs', '2'])
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f'--resume auto: resuming from {out}/checkpoint.pth' in again.stdout
+    assert 'Epoch: [0]' not in again.stdout and 'Epoch: [1]' in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_resume_auto_on_two_ranks_through_the_demo_wrapper_and_plain_mpirun_exits_75_after_rank_0_saved(
         jpeg_dataset, tmp_path):
